@@ -1,0 +1,19 @@
+"""lkv_jax: LookaheadKV and KV-cache eviction baselines in JAX/Flax.
+
+    model = lkv_jax.load_hf(hf_dir, dtype="bfloat16")
+    logits = lkv_jax.forward(model, input_ids)
+    out = lkv_jax.compress(model, input_ids, lkv_jax.presses.SnapKVPress(compression_ratio=0.5))
+    tokens = lkv_jax.generate(model, input_ids, max_new_tokens=64, press=press)
+"""
+
+from lkv_jax.cache import KVCache
+from lkv_jax.checkpoint.hf import CheckpointError, load_hf, save_hf
+from lkv_jax.config import ModelConfig, UnsupportedModelError
+from lkv_jax.generation import forward, generate
+from lkv_jax.inference import decode, glimpse, prefill
+from lkv_jax.models.transformer import Transformer
+
+__all__ = [
+    "CheckpointError", "KVCache", "ModelConfig", "Transformer", "UnsupportedModelError", "decode",
+    "forward", "generate", "glimpse", "load_hf", "prefill", "save_hf",
+]

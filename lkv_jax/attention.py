@@ -1,0 +1,105 @@
+"""Attention kernels in plain jnp: blockwise causal attention for prefill, and attention over a cache
+that also returns the float32 attention probabilities (for glimpses and decoding).
+
+Layout: queries [B, T, N, H]; cached keys/values [B, K, S, H]; query head n = k * G + g belongs to
+KV head k (the HF `repeat_kv` convention).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_NEG = -1e30  # finite "minus infinity": fully masked rows give zeros, never NaN
+
+
+def _group(q: jax.Array, n_kv: int) -> jax.Array:
+    """[B, T, N, H] -> [B, K, G, T, H]."""
+    B, T, N, H = q.shape
+    return q.reshape(B, T, n_kv, N // n_kv, H).transpose(0, 2, 3, 1, 4)
+
+
+def _ungroup(o: jax.Array) -> jax.Array:
+    """[B, K, G, T, H] -> [B, T, N, H]."""
+    B, K, G, T, H = o.shape
+    return o.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, H)
+
+
+def blockwise_causal_attention(q, keys, values, key_valid, q_start, block: int):
+    """Causal attention of a query chunk over the filled part of a cache, one key block at a time.
+
+    q [B, T, N, H] sits at cache slots [q_start, q_start + T); keys/values [B, K, S, H];
+    key_valid bool [B, S]. Visits key blocks 0 .. (q_start + T - 1) // block with an online softmax
+    (float32 statistics), so memory is O(T * block), never O(T * S). Returns [B, T, N, H].
+    """
+    B, T, N, H = q.shape
+    K = keys.shape[1]
+    qg = _group(q, K) * jnp.asarray(H ** -0.5, q.dtype)
+    q_slots = q_start + jnp.arange(T)
+    n_blocks = (q_start + T - 1) // block + 1
+
+    def body(j, carry):
+        m, l, acc = carry
+        kb = jax.lax.dynamic_slice_in_dim(keys, j * block, block, axis=2)
+        vb = jax.lax.dynamic_slice_in_dim(values, j * block, block, axis=2)
+        ok = jax.lax.dynamic_slice_in_dim(key_valid, j * block, block, axis=1)
+        k_slots = j * block + jnp.arange(block)
+        mask = ok[:, None, None, None, :] & (k_slots[None, :] <= q_slots[:, None])
+        s = jnp.einsum("bkgth,bksh->bkgts", qg, kb, preferred_element_type=jnp.float32)
+        s = jnp.where(mask, s, _NEG)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+        corr = jnp.exp(m - m_new)
+        l = l * corr + p.sum(-1)
+        pv = jnp.einsum("bkgts,bksh->bkgth", p.astype(values.dtype), vb, preferred_element_type=jnp.float32)
+        return m_new, l, acc * corr[..., None] + pv
+
+    G = N // K
+    init = (jnp.full((B, K, G, T), _NEG, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
+            jnp.zeros((B, K, G, T, H), jnp.float32))
+    m, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    out = acc / jnp.maximum(l, 1e-30)[..., None]
+    return _ungroup(out).astype(q.dtype)
+
+
+def attention_with_probs(q, keys, values, mask, extra=None):
+    """Attention of a few queries over a cache, returning float32 probabilities too.
+
+    q [B, T, N, H]; keys/values [B, K, S, H]; mask bool broadcastable to [B, K, 1, T, S].
+    `extra`, optional (k_self [B, T, K, H], v_self, self_mask [T, T] or [B, 1, 1, T, T]): keys the
+    queries also attend to (a suffix not written into the cache); the softmax is joint.
+    Returns out [B, T, N, H] and probs over the cache part, float32 [B, K, G, T, S].
+    """
+    K = keys.shape[1]
+    H = q.shape[-1]
+    qg = _group(q, K) * jnp.asarray(H ** -0.5, q.dtype)
+    s = jnp.einsum("bkgth,bksh->bkgts", qg, keys, preferred_element_type=jnp.float32)
+    s = jnp.where(mask, s, _NEG)
+    if extra is not None:
+        k_self, v_self, self_mask = extra
+        ks = jnp.swapaxes(k_self, 1, 2)
+        s2 = jnp.einsum("bkgth,bksh->bkgts", qg, ks, preferred_element_type=jnp.float32)
+        s2 = jnp.where(self_mask, s2, _NEG)
+        m = jnp.maximum(s.max(-1), s2.max(-1))[..., None]
+        p, p2 = jnp.where(mask, jnp.exp(s - m), 0.0), jnp.where(self_mask, jnp.exp(s2 - m), 0.0)
+        z = jnp.maximum(p.sum(-1) + p2.sum(-1), 1e-30)[..., None]
+        p, p2 = p / z, p2 / z
+        out = (jnp.einsum("bkgts,bksh->bkgth", p.astype(values.dtype), values, preferred_element_type=jnp.float32)
+               + jnp.einsum("bkgts,bksh->bkgth", p2.astype(values.dtype), jnp.swapaxes(v_self, 1, 2),
+                            preferred_element_type=jnp.float32))
+        return _ungroup(out).astype(q.dtype), p
+    m = s.max(-1, keepdims=True)
+    p = jnp.where(mask, jnp.exp(s - m), 0.0)
+    p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
+    out = jnp.einsum("bkgts,bksh->bkgth", p.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    return _ungroup(out).astype(q.dtype), p
+
+
+def dense_causal_attention(q, k, v, valid):
+    """Differentiable full causal attention for training: q [B, T, N, H], k/v [B, T, K, H],
+    valid bool [B, T] (padding). Materialises [B, N, T, T]; use only for short sequences."""
+    T = q.shape[1]
+    causal = jnp.tril(jnp.ones((T, T), bool))
+    mask = causal[None, None, None] & valid[:, None, None, None, :]
+    out, _ = attention_with_probs(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask)
+    return out

@@ -1,0 +1,78 @@
+"""`forward` and greedy `generate`, with or without a press that compresses the prompt's KV cache."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lkv_jax.cache import KVCache
+from lkv_jax.inference import DEFAULT_CHUNK, glimpse_pure, prefill
+from lkv_jax.models.transformer import Transformer
+
+
+def forward(model: Transformer, input_ids, attention_mask=None, *, chunk_size: int = DEFAULT_CHUNK) -> jax.Array:
+    """Logits of every position: int [B, T] -> float32 [B, T, V].
+
+    Padding (attention_mask 0, on the left) is masked out and real tokens are numbered from 0 in
+    each row, so a padded row's logits equal the unpadded sequence's. Runs the chunked prefill.
+    """
+    _, logits = prefill(model, input_ids, attention_mask, chunk_size=chunk_size, all_logits=True)
+    return logits
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos", "pad"))
+def _greedy_loop(graphdef, params, cache: KVCache, first_logits, *, max_new_tokens, eos, pad):
+    model = nnx.merge(graphdef, params)
+    B = first_logits.shape[0]
+    eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
+    tok = jnp.argmax(first_logits, -1).astype(jnp.int32)
+    out = jnp.full((B, max_new_tokens), pad, jnp.int32).at[:, 0].set(tok)
+    done = jnp.isin(tok, eos_ids)
+
+    def cond(s):
+        i, _, _, _, done = s
+        return (i < max_new_tokens) & ~done.all()
+
+    def body(s):
+        i, tok, cache, out, done = s
+        g = glimpse_pure(model, cache, model.embed_tokens(tok[:, None]), scores=False, append=True)
+        nxt = jnp.where(done, pad, jnp.argmax(g.logits[:, 0], -1).astype(jnp.int32))
+        out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], i, axis=1)
+        return i + 1, nxt, g.cache, out, done | jnp.isin(nxt, eos_ids)
+
+    n, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, cache, out, done))
+    return out, n
+
+
+def generate(model: Transformer, input_ids, max_new_tokens: int, press=None, *, attention_mask=None,
+             eos_token_id: int | tuple[int, ...] | None = None, pad_token_id: int | None = None,
+             chunk_size: int = DEFAULT_CHUNK) -> np.ndarray:
+    """Greedy decoding of a left-padded batch, from the full cache (press=None) or a compressed one.
+
+    input_ids int [B, T]; returns the new tokens int [B, n] with n <= max_new_tokens: the loop stops
+    when every row has produced an EOS, and rows that finished earlier are filled with the pad id
+    (pad_token_id, else the first EOS id), as transformers' `generate` does.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    cfg = model.config
+    eos = cfg.eos_token_id if eos_token_id is None else (
+        (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
+    pad = pad_token_id if pad_token_id is not None else (
+        cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0))
+    if press is None:
+        cache, logits = prefill(model, input_ids, attention_mask, chunk_size=chunk_size,
+                                extra_capacity=max_new_tokens)
+    else:
+        from lkv_jax.compression import compress
+
+        out = compress(model, input_ids, press, attention_mask=attention_mask, chunk_size=chunk_size)
+        cache, logits = out.cache.grow(max_new_tokens), out.logits
+    graphdef, params = nnx.split(model)
+    tokens, n = _greedy_loop(graphdef, params, cache, logits, max_new_tokens=max_new_tokens,
+                             eos=tuple(int(e) for e in eos), pad=int(pad))
+    return np.asarray(tokens)[:, : int(n)]

@@ -1,0 +1,306 @@
+"""The three cache operations everything else is built from: `prefill`, `glimpse` and `decode`.
+
+    prefill(model, prompt)          -> cache, logits      chunked, O(T) memory, no gradient needed
+    glimpse(model, cache, suffix)   -> suffix outputs + per-layer float32 attention mass on the cache
+    decode(model, cache, token)     -> next logits, cache  (a one-token glimpse that appends itself)
+
+Every query-aware eviction method is a glimpse: SnapKV's window, TOVA's last token, LookaheadKV's
+learned suffix (with the LoRA switched on by `lora_mask`), the response that defines training labels,
+draft tokens. Each public function takes the NNX model and runs a jitted pure function of
+`(graphdef, params)`; the `*_pure` functions are those pure functions, for composing under one `jit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lkv_jax.attention import attention_with_probs, blockwise_causal_attention, dense_causal_attention
+from lkv_jax.cache import KVCache, write_entries
+from lkv_jax.models.transformer import NO_LORA, LoraContext, Transformer
+
+DEFAULT_CHUNK = 512
+
+
+# ----------------------------------------------------------------------------------------------
+# prompt preparation
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """A left-padded prompt batch. ids/valid/positions: [B, T]; `chunk` divides T."""
+
+    ids: jax.Array
+    valid: jax.Array
+    positions: jax.Array
+    chunk: int
+
+
+def prepare_prompt(input_ids, attention_mask=None, chunk_size: int = DEFAULT_CHUNK, vocab_size: int | None = None) -> Prompt:
+    """Validate a prompt batch and left-pad it to a whole number of prefill chunks.
+
+    input_ids int [B, T] (or [T]); attention_mask 0/1 [B, T], padding on the left. Real tokens get
+    positions 0, 1, ... per row (as `generate` in transformers), pads are invalid cache entries.
+    """
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be int [B, T] with T > 0, got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be integers, got {ids.dtype}")
+    mask = np.ones_like(ids, dtype=bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    if mask.ndim == 1:
+        mask = mask[None]
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+    if not mask.any(axis=1).all():
+        raise ValueError("every row needs at least one real token (attention_mask all zero in a row)")
+    if vocab_size is not None and ((ids[mask] < 0).any() or (ids[mask] >= vocab_size).any()):
+        raise ValueError(f"token ids must lie in [0, {vocab_size})")
+    B, T = ids.shape
+    n_chunks = -(-T // chunk_size)
+    chunk = -(-T // n_chunks)
+    chunk = -(-chunk // 8) * 8  # sublane-friendly block size
+    pad = n_chunks * chunk - T
+    ids = np.pad(ids, ((0, 0), (pad, 0)))
+    mask = np.pad(mask, ((0, 0), (pad, 0)))
+    ids = np.where(mask, ids, 0)
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    return Prompt(jnp.asarray(ids, jnp.int32), jnp.asarray(mask), jnp.asarray(positions, jnp.int32), chunk)
+
+
+# ----------------------------------------------------------------------------------------------
+# pure functions (model = nnx.merge(graphdef, params) inside jit)
+
+
+def prefill_pure(model: Transformer, prompt_ids, valid, positions, *, chunk: int, capacity: int,
+                 all_logits: bool = False):
+    """Fill an empty cache of `capacity` slots with a left-padded prompt, `chunk` tokens at a time.
+
+    prompt_ids/valid/positions [B, T] with T a multiple of chunk. Returns (cache, logits) with logits
+    float32 [B, T, V] if all_logits else [B, V] for the last token.
+    """
+    cfg = model.config
+    B, T = prompt_ids.shape
+    n_chunks = T // chunk
+    cache = KVCache.empty(cfg.num_hidden_layers, B, cfg.num_key_value_heads, capacity, cfg.head_dim, model.dtype)
+    key_valid = jnp.zeros((B, capacity), bool).at[:, :T].set(valid)
+    inv_freq = model.inv_freq
+
+    def step(carry, xs):
+        keys, values = carry
+        i, ids_c, pos_c = xs
+        x = model.embed_tokens(ids_c)
+        keys, values = list(keys), list(values)
+        for l, layer in enumerate(model.layers):
+            q, k, v = layer.qkv(x, pos_c, inv_freq)
+            keys[l] = jax.lax.dynamic_update_slice_in_dim(keys[l], jnp.swapaxes(k, 1, 2).astype(keys[l].dtype), i * chunk, 2)
+            values[l] = jax.lax.dynamic_update_slice_in_dim(values[l], jnp.swapaxes(v, 1, 2).astype(values[l].dtype), i * chunk, 2)
+            attn = blockwise_causal_attention(q, keys[l], values[l], key_valid, i * chunk, chunk)
+            x = layer.finish(x, attn)
+        out = model.logits(x) if all_logits else model.logits(x[:, -1:])[:, 0]
+        return (tuple(keys), tuple(values)), out
+
+    split = lambda a: a.reshape(B, n_chunks, chunk).swapaxes(0, 1)
+    (keys, values), logits = jax.lax.scan(
+        step, (cache.keys, cache.values), (jnp.arange(n_chunks), split(prompt_ids), split(positions)))
+    if all_logits:
+        logits = logits.swapaxes(0, 1).reshape(B, T, -1)
+    else:
+        logits = logits[-1]
+    K = cfg.num_key_value_heads
+    pos = jnp.full((B, K, capacity), -1, jnp.int32).at[:, :, :T].set(jnp.where(valid, positions, -1)[:, None])
+    val = jnp.broadcast_to(key_valid[:, None], (B, K, capacity))
+    cache = KVCache(keys=keys, values=values, positions=(pos,) * len(keys), valid=(val,) * len(keys),
+                    cursor=jnp.full((len(keys),), T, jnp.int32),
+                    next_position=positions[:, -1] + 1)
+    return cache, logits
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GlimpseOutput:
+    """What a glimpse returns.
+
+    hidden: [B, L, D] final hidden states of the suffix (before the final norm).
+    logits: float32 [B, L, V], or None when not asked for.
+    scores: per layer, float32 attention mass on every cache slot of the cache glimpsed at:
+            [B, N, S_l] reduced over the scored suffix queries ("mean" or "max"), or [B, N, L, S_l]
+            with reduce=None. With append=True the slots include the suffix's own.
+    cache:  the cache with the suffix appended (append=True), else the input cache.
+    """
+
+    hidden: jax.Array
+    logits: jax.Array | None
+    scores: tuple[jax.Array, ...] | None
+    cache: KVCache
+
+
+def _reduce_probs(p, score_mask, reduce):
+    """p float32 [B, K, G, L, S] -> [B, N, S] (mean/max over masked L) or [B, N, L, S]."""
+    B, K, G, L, S = p.shape
+    if reduce is None:
+        return p.reshape(B, K * G, L, S)
+    w = score_mask[:, None, None, :, None]
+    if reduce == "mean":
+        r = (p * w).sum(3) / jnp.maximum(score_mask.sum(-1), 1)[:, None, None, None]
+    elif reduce == "max":
+        r = jnp.where(w, p, 0.0).max(3)
+    else:
+        raise ValueError(f"reduce must be 'mean', 'max' or None, got {reduce!r}")
+    return r.reshape(B, K * G, S)
+
+
+def glimpse_pure(model: Transformer, cache: KVCache, x, *, lora=None, lora_scale: float = 0.0,
+                 lora_mask=None, score_mask=None, scores: bool = True, reduce: str | None = "mean",
+                 append: bool = False, logits: bool = True) -> GlimpseOutput:
+    """Run a suffix of embeddings x [B, L, D] on top of `cache`, causally among itself.
+
+    Positions continue each row's `next_position`. `lora` is a per-layer tuple of projection ->
+    {"a", "b"} applied (times `lora_scale`) only where `lora_mask` [B, L] is True. `score_mask` [B, L]
+    chooses which suffix queries the reduced scores average over (default all).
+    append=False: the suffix attends to the cache plus itself and leaves the cache unchanged.
+    append=True: the suffix's keys/values are written at the cursor first (decode, SnapKV's window).
+    """
+    B, L, _ = x.shape
+    positions = cache.next_position[:, None] + jnp.arange(L)[None]
+    if score_mask is None:
+        score_mask = jnp.ones((B, L), bool)
+    inv_freq = model.inv_freq
+    causal = jnp.tril(jnp.ones((L, L), bool))
+    keys, values, poss, valids = map(list, (cache.keys, cache.values, cache.positions, cache.valid))
+    layer_scores = []
+    for l, layer in enumerate(model.layers):
+        ctx = NO_LORA if lora is None else LoraContext(lora[l], lora_scale, lora_mask)
+        q, k, v = layer.qkv(x, positions, inv_freq, ctx)
+        if append:
+            keys[l], values[l], poss[l], valids[l] = write_entries(
+                keys[l], values[l], poss[l], valids[l], cache.cursor[l], k, v, positions, jnp.ones((B, L), bool))
+            mask = valids[l][:, :, None, None, :] & (poss[l][:, :, None, None, :] <= positions[:, None, None, :, None])
+            out, p = attention_with_probs(q, keys[l], values[l], mask)
+        else:
+            mask = valids[l][:, :, None, None, :]
+            out, p = attention_with_probs(q, keys[l], values[l], mask, extra=(k, v, causal))
+        if scores:
+            layer_scores.append(_reduce_probs(p, score_mask, reduce))
+        x = layer.finish(x, out, ctx)
+    if append:
+        cache = KVCache(keys=tuple(keys), values=tuple(values), positions=tuple(poss), valid=tuple(valids),
+                        cursor=cache.cursor + L, next_position=cache.next_position + L)
+    return GlimpseOutput(hidden=x, logits=model.logits(x) if logits else None,
+                         scores=tuple(layer_scores) if scores else None, cache=cache)
+
+
+def forward_dense_pure(model: Transformer, input_ids, valid=None, positions=None, *, lora=None,
+                       lora_scale: float = 0.0, lora_mask=None):
+    """Differentiable full-sequence forward (dense causal attention, [B, N, T, T] scores).
+
+    For training short sequences; inference uses the chunked `prefill_pure`. Returns float32 [B, T, V].
+    """
+    B, T = input_ids.shape
+    valid = jnp.ones((B, T), bool) if valid is None else valid
+    positions = jnp.broadcast_to(jnp.arange(T), (B, T)) if positions is None else positions
+    x = model.embed_tokens(input_ids)
+    inv_freq = model.inv_freq
+    for l, layer in enumerate(model.layers):
+        ctx = NO_LORA if lora is None else LoraContext(lora[l], lora_scale, lora_mask)
+        x = layer(x, positions, inv_freq, lambda q, k, v: dense_causal_attention(q, k, v, valid), ctx)
+    return model.logits(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# jitted public entry points
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "capacity", "all_logits"))
+def _prefill_jit(graphdef, params, ids, valid, positions, *, chunk, capacity, all_logits):
+    return prefill_pure(nnx.merge(graphdef, params), ids, valid, positions, chunk=chunk,
+                        capacity=capacity, all_logits=all_logits)
+
+
+def prefill(model: Transformer, input_ids, attention_mask=None, *, chunk_size: int = DEFAULT_CHUNK,
+            extra_capacity: int = 0, all_logits: bool = False) -> tuple[KVCache, jax.Array]:
+    """Prefill a (left-padded) prompt batch into a new cache.
+
+    input_ids int [B, T], attention_mask 0/1 [B, T]. The cache holds ceil(T / chunk) * chunk prompt
+    slots (extra left padding is invalid) plus `extra_capacity` empty slots. Returns (cache, logits):
+    float32 [B, V] for the last token, or [B, T, V] (original T) with all_logits.
+    """
+    prompt = prepare_prompt(input_ids, attention_mask, chunk_size, model.config.vocab_size)
+    T_orig = np.asarray(input_ids).shape[-1]
+    Tp = prompt.ids.shape[1]
+    model.config.check_length(T_orig + extra_capacity)
+    graphdef, params = nnx.split(model)
+    cache, logits = _prefill_jit(graphdef, params, prompt.ids, prompt.valid, prompt.positions,
+                                 chunk=prompt.chunk, capacity=Tp + extra_capacity, all_logits=all_logits)
+    if all_logits:
+        logits = logits[:, Tp - T_orig:]
+    return cache, logits
+
+
+def suffix_embeddings(model: Transformer, suffix_ids=None, suffix_embeds=None) -> jax.Array:
+    if (suffix_ids is None) == (suffix_embeds is None):
+        raise ValueError("pass exactly one of suffix_ids [B, L] and suffix_embeds [B, L, D]")
+    if suffix_embeds is not None:
+        e = jnp.asarray(suffix_embeds)
+        if e.ndim != 3 or e.shape[-1] != model.config.hidden_size:
+            raise ValueError(f"suffix_embeds must be [B, L, {model.config.hidden_size}], got {e.shape}")
+        return e.astype(model.dtype)
+    ids = jnp.asarray(suffix_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"suffix_ids must be int [B, L], got shape {ids.shape}")
+    return model.embed_tokens(ids)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "lora_scale", "scores", "reduce", "append", "logits"))
+def _glimpse_jit(graphdef, params, cache, x, lora, lora_mask, score_mask, *, lora_scale, scores, reduce,
+                 append, logits):
+    return glimpse_pure(nnx.merge(graphdef, params), cache, x, lora=lora, lora_scale=lora_scale,
+                        lora_mask=lora_mask, score_mask=score_mask, scores=scores, reduce=reduce,
+                        append=append, logits=logits)
+
+
+def _check_room(cache: KVCache, n: int) -> None:
+    free = min(cache.capacity(l) - int(c) for l, c in enumerate(np.asarray(cache.cursor)))
+    if n > free:
+        raise ValueError(f"cache has room for {free} more entries, {n} requested; grow it with cache.grow(n)")
+
+
+def glimpse(model: Transformer, cache: KVCache, suffix_ids=None, *, suffix_embeds=None,
+            lora: Any = None, lora_scale: float = 0.0, lora_mask=None, score_mask=None,
+            reduce: str | None = "mean", append: bool = False, logits: bool = True) -> GlimpseOutput:
+    """Run a short suffix (token ids [B, L] or embeddings [B, L, D]) on top of `cache`.
+
+    Returns a `GlimpseOutput`: suffix logits and, per layer, each query head's float32 attention mass
+    on every cache slot ([B, N, S] averaged over the suffix queries in `score_mask`, "max" for the
+    maximum, reduce=None for [B, N, L, S]). `lora_mask` [B, L] switches the `lora` tensors on for
+    some suffix positions only.
+    """
+    x = suffix_embeddings(model, suffix_ids, suffix_embeds)
+    B, L, _ = x.shape
+    if B != cache.next_position.shape[0]:
+        raise ValueError(f"suffix batch {B} != cache batch {cache.next_position.shape[0]}")
+    if append:
+        _check_room(cache, L)
+    if lora is not None and lora_mask is None:
+        lora_mask = jnp.ones((B, L), bool)
+    graphdef, params = nnx.split(model)
+    return _glimpse_jit(graphdef, params, cache, x, lora, lora_mask, score_mask, lora_scale=float(lora_scale),
+                        scores=True, reduce=reduce, append=append, logits=logits)
+
+
+def decode(model: Transformer, cache: KVCache, token) -> tuple[jax.Array, KVCache]:
+    """Append one token per row (int [B]) at its true next position; returns (float32 [B, V], cache)."""
+    token = jnp.asarray(token).reshape(-1, 1)
+    _check_room(cache, 1)
+    graphdef, params = nnx.split(model)
+    out = _glimpse_jit(graphdef, params, cache, model.embed_tokens(token), None, None, None,
+                       lora_scale=0.0, scores=False, reduce=None, append=True, logits=True)
+    return out.logits[:, 0], out.cache
