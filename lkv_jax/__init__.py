@@ -17,3 +17,8 @@ __all__ = [
     "CheckpointError", "KVCache", "ModelConfig", "Transformer", "UnsupportedModelError", "decode",
     "forward", "generate", "glimpse", "load_hf", "prefill", "save_hf",
 ]
+
+from lkv_jax import presses  # noqa: E402
+from lkv_jax.compression import compress  # noqa: E402
+
+__all__ += ["compress", "presses"]

@@ -1,0 +1,146 @@
+"""The press protocol: how a press scores the prompt's cache, and the shared compress pipeline.
+
+A press is a frozen dataclass (kvpress names and defaults) registered as a JAX pytree: array fields
+(e.g. LookaheadKV's adapter) are leaves, everything else is static. A scoring press implements
+
+    prefill_and_score(model, prompt_ids, valid, positions, chunk) -> Scored
+
+as a pure function (it runs under `jit`): it prefills the prompt (however it likes: SnapKV stops
+before its window and glimpses with it) and returns the cache, the last token's logits, per-layer
+float32 scores [B, K, S] over cache slots, and the slots that must be kept. `BasePress.compress`
+then selects the top entries per layer and KV head and gathers the compact cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lkv_jax.cache import KVCache
+from lkv_jax.inference import Prompt
+from lkv_jax.selection import compact_cache, select_slots
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Scored:
+    """cache: the prompt's cache (slots past the prompt may hold a scoring suffix: never selected).
+    logits: float32 [B, V] of the last prompt token. scores / protected: per layer [B, K, S]."""
+
+    cache: KVCache
+    logits: jax.Array
+    scores: tuple[jax.Array, ...]
+    protected: tuple[jax.Array, ...]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CompressOutput:
+    """cache: compressed cache, capacity n_kept per layer (call `.grow(n)` to decode n tokens).
+    kept_positions: per layer int32 [B, K, n_kept], original positions ascending; rows that keep
+    fewer entries (shorter prompts in a batch) are padded with -1 at the end.
+    scores: per layer float32 [B, K, S] over the prefill cache's slots (left padding included).
+    logits: float32 [B, V], the last prompt token's logits (they give the first generated token)."""
+
+    cache: KVCache
+    kept_positions: tuple[jax.Array, ...]
+    scores: tuple[jax.Array, ...]
+    logits: jax.Array
+
+
+def register_press(cls):
+    """Class decorator: register a press dataclass as a pytree (fields in `array_fields` are leaves)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    data = [n for n in names if n in cls.array_fields]
+    return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=[n for n in names if n not in data])
+
+
+@dataclasses.dataclass(frozen=True)
+class BasePress:
+    """Common fields: `compression_ratio` (fraction of the prompt removed: n_kept = int(T * (1 - ratio)),
+    kvpress semantics) or `budget` (entries kept per layer and KV head, the papers' convention). A
+    budget at or above the prompt length keeps everything."""
+
+    compression_ratio: float = 0.0
+    budget: int | None = None
+
+    array_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self):
+        if not 0.0 <= self.compression_ratio < 1.0:
+            raise ValueError(f"compression_ratio must lie in [0, 1), got {self.compression_ratio}")
+        if self.budget is not None:
+            if self.compression_ratio != 0.0:
+                raise ValueError("give either compression_ratio or budget, not both")
+            if int(self.budget) < max(1, self.n_protected):
+                raise ValueError(f"budget={self.budget} is smaller than the {self.n_protected} protected "
+                                 f"entries (window/sinks) of {type(self).__name__}; raise the budget")
+
+    # -- what presses override ------------------------------------------------------------------
+    @property
+    def n_protected(self) -> int:
+        """Entries always kept (window, sinks); they count inside the budget."""
+        return 0
+
+    @property
+    def suffix_slots(self) -> int:
+        """Cache slots the scoring writes after the prompt (a lookahead suffix), reserved at prefill."""
+        return 0
+
+    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk: int) -> Scored:
+        raise NotImplementedError(f"{type(self).__name__} must implement prefill_and_score")
+
+    def layer_budgets(self, n_kept: int, n_prompt: int, n_layers: int) -> list[int]:
+        """Entries kept per layer (uniform here; PyramidKV overrides)."""
+        return [n_kept] * n_layers
+
+    # -- shared ---------------------------------------------------------------------------------
+    def keep_count(self, n_prompt):
+        """Entries kept per row for prompts of n_prompt real tokens (int or int array)."""
+        n = np.asarray(n_prompt)
+        if self.budget is not None:
+            return np.minimum(int(self.budget), n)
+        return (n * (1.0 - self.compression_ratio)).astype(np.int64)
+
+    def compress(self, model, prompt: Prompt) -> CompressOutput:
+        """Prefill, score and evict a prepared prompt batch (see `lkv_jax.compress`)."""
+        n_prompt = np.asarray(prompt.valid).sum(1)
+        counts = self.keep_count(n_prompt)
+        if (counts < np.minimum(self.n_protected, n_prompt)).any():
+            raise ValueError(f"{type(self).__name__} keeps {counts.min()} entries for a {n_prompt.min()}-token "
+                             f"prompt, fewer than its {self.n_protected} protected ones")
+        n_kept = int(max(counts.max(), 1))
+        budgets = tuple(self.layer_budgets(n_kept, int(n_prompt.max()), model.config.num_hidden_layers))
+        graphdef, params = nnx.split(model)
+        return _compress_jit(graphdef, params, self, prompt.ids, prompt.valid, prompt.positions,
+                             jnp.asarray(counts, jnp.int32), chunk=prompt.chunk, budgets=budgets)
+
+
+def evict(scored: Scored, n_prompt_slots: int, budgets, counts, base_count) -> CompressOutput:
+    """Select and gather (pure). counts int [B]: entries row b keeps at the base budget `base_count`;
+    a layer with budget n keeps round(counts * n / base_count), at most n."""
+    cache = scored.cache
+    slots, kept = [], []
+    for l, n in enumerate(budgets):
+        S = cache.capacity(l)
+        selectable = cache.valid[l] & (jnp.arange(S) < n_prompt_slots)
+        layer_count = jnp.minimum(n, jnp.round(counts * (n / max(base_count, 1))).astype(jnp.int32))
+        s, k = select_slots(scored.scores[l], selectable, scored.protected[l] & selectable, n, layer_count)
+        slots.append(s)
+        kept.append(k)
+    new_cache, kept_positions = compact_cache(cache, slots, kept)
+    return CompressOutput(cache=new_cache, kept_positions=kept_positions, scores=scored.scores, logits=scored.logits)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "budgets"))
+def _compress_jit(graphdef, params, press, ids, valid, positions, counts, *, chunk, budgets):
+    model = nnx.merge(graphdef, params)
+    scored = press.prefill_and_score(model, ids, valid, positions, chunk)
+    base = max(budgets) if len(set(budgets)) == 1 else round(sum(budgets) / len(budgets))
+    return evict(scored, ids.shape[1], budgets, counts, base)

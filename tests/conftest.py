@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random Hugging Face models built in-process (no network) and saved to tmp_path."""
+
+from __future__ import annotations
+
+import os
+
+# 8 fake CPU devices for the sharding tests; must be set before jax starts
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
+
+
+def build_hf_model(family: str = "llama", *, seed: int = 0, init_std: float = 0.3, **overrides):
+    """A tiny random transformers model in float32 eval mode, eager attention.
+
+    init_std well above HF's 0.02 so random models produce varied, non-degenerate greedy outputs.
+    """
+    import torch
+    import transformers
+
+    cfg_name, model_name = FAMILIES[family]
+    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=4096, initializer_range=init_std,
+              eos_token_id=2, bos_token_id=1, pad_token_id=0, attn_implementation="eager")
+    if family == "qwen3":
+        kw["head_dim"] = 32
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, cfg_name)(**kw)
+    model = getattr(transformers, model_name)(cfg).eval()
+    return model
+
+
+def save_hf_model(model, path) -> str:
+    model.save_pretrained(str(path), safe_serialization=True)
+    return str(path)
+
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    """(transformers model, HF directory) of a 2-layer Llama with 4 query / 2 KV heads."""
+    hf = build_hf_model("llama")
+    return hf, save_hf_model(hf, tmp_path / "llama")
+
+
+@pytest.fixture
+def rng():
+    return np.random.RandomState(0)
