@@ -1,0 +1,270 @@
+"""Pallas kernels of the suffix-attention op: the output of a short query suffix over a long cache and
+the per-key attention mass, in two passes over S blocks, never materialising [B, N, L, S].
+
+Layout. The G query heads of a KV group and the L suffix queries form the M = G * L rows of one
+matmul per KV head (row r = g * L + l): [M, H] @ [H, block_s] feeds the MXU / tensor cores even for
+short suffixes. Pass 1 computes each row's float32 softmax statistics (running max m and sum l);
+pass 2 recomputes the logits, normalises them with the final statistics, accumulates the output and
+reduces the probabilities of each key over the rows (mean or max). Keys are read twice, values once.
+
+Masks are folded into two int32 vectors: a key's position (INT_MAX when invalid or padding) must be
+<= the row's query position (INT_MIN for padding rows). Two drivers share the per-block math:
+
+- "tpu": grid (B, K, S / block_s), S innermost and sequential ("arbitrary"), accumulators live in the
+  resident output blocks; block shapes obey Mosaic TPU's rule (last two dims multiples of (8, 128) or
+  the full dims). Runs on CPU with interpret=True or interpret=pltpu.InterpretParams().
+- "gpu": grid (B, K, n_split) of independent programs (flash-decoding style split over S, so a batch
+  of 1 with 8 KV heads still fills an H100/H200), each looping over its chunk with fori_loop; partial
+  statistics / outputs are combined in jnp. Lowered through Triton (`compiler_params=
+  pallas.triton.CompilerParams`): power-of-two block shapes, no bool refs. It runs on CPU with
+  interpret=True; its Triton lowering has not been run here (no GPU was available).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.suffix_attention.reference import NEG, REDUCES, score_weights
+
+TARGETS = ("tpu", "gpu")
+INT_MAX = 2 ** 31 - 1
+INT_MIN = -(2 ** 31)
+DEFAULT_BLOCK_S = {"tpu": 512, "gpu": 64}
+GPU_PROGRAMS = 264  # about two waves of programs on a 132-SM H100/H200
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(int(x) - 1, 0).bit_length()
+
+
+# ----------------------------------------------------------------------------------------------
+# per-block math shared by both drivers (2-D values: rows [Mp, .], keys [., bs])
+
+
+def _logits(q, kb, kp_row, rp_col, scale):
+    """q [Mp, Hp], kb [bs, Hp], kp_row int32 [1, bs], rp_col int32 [Mp, 1] -> masked f32 logits, mask."""
+    s = jax.lax.dot_general(q, kb, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+    mask = kp_row <= rp_col
+    return jnp.where(mask, s, NEG), mask
+
+
+def _stats_update(s, mask, m, l):
+    """Online softmax statistics: m, l [Mp, 1] float32 updated with one block of logits."""
+    m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
+    p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
+    return m_new, l * jnp.exp(m - m_new) + p.sum(axis=1, keepdims=True)
+
+
+def _probs(s, mask, m, inv_l, w_col, reduce):
+    """Final probabilities [Mp, bs] and the block's key scores [1, bs] (weighted sum or max over rows)."""
+    p = jnp.where(mask, jnp.exp(s - m), 0.0) * inv_l
+    pw = p * w_col
+    sc = pw.sum(axis=0, keepdims=True) if reduce == "mean" else pw.max(axis=0, keepdims=True)
+    return p, sc
+
+
+# ----------------------------------------------------------------------------------------------
+# TPU driver: one S block per grid step, accumulate in the resident output blocks
+
+
+def _tpu_stats_kernel(q_ref, k_ref, kp_ref, rp_ref, m_ref, l_ref, *, scale):
+    @pl.when(pl.program_id(2) == 0)
+    def _init():
+        m_ref[...] = jnp.full(m_ref.shape, NEG, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+
+    s, mask = _logits(q_ref[...], k_ref[...], kp_ref[...], rp_ref[...], scale)
+    m, l = _stats_update(s, mask, m_ref[...], l_ref[...])
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def _tpu_probs_kernel(q_ref, k_ref, v_ref, kp_ref, rp_ref, w_ref, m_ref, il_ref, o_ref, sc_ref, *, scale, reduce):
+    @pl.when(pl.program_id(2) == 0)
+    def _init():
+        o_ref[...] = jnp.zeros(o_ref.shape, jnp.float32)
+
+    s, mask = _logits(q_ref[...], k_ref[...], kp_ref[...], rp_ref[...], scale)
+    p, sc = _probs(s, mask, m_ref[...], il_ref[...], w_ref[...], reduce)
+    sc_ref[...] = sc
+    v = v_ref[...]
+    o_ref[...] += jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+
+def _run_tpu(qg, kp, rp, w, keys, values, *, scale, reduce, block_s, interpret):
+    B, K, Mp, Hp = qg.shape
+    Sp = keys.shape[2]
+    grid = (B, K, Sp // block_s)
+    q_spec = pl.BlockSpec((None, None, Mp, Hp), lambda b, k, j: (b, k, 0, 0))
+    kv_spec = pl.BlockSpec((None, None, block_s, Hp), lambda b, k, j: (b, k, j, 0))
+    kp_spec = pl.BlockSpec((None, None, 1, block_s), lambda b, k, j: (b, k, 0, j))
+    row_spec = pl.BlockSpec((None, Mp, 1), lambda b, k, j: (b, 0, 0))
+    stat_spec = pl.BlockSpec((None, None, Mp, 1), lambda b, k, j: (b, k, 0, 0))
+    params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+    stat_shape = jax.ShapeDtypeStruct((B, K, Mp, 1), jnp.float32)
+    m, l = pl.pallas_call(
+        functools.partial(_tpu_stats_kernel, scale=scale), grid=grid,
+        in_specs=[q_spec, kv_spec, kp_spec, row_spec], out_specs=[stat_spec, stat_spec],
+        out_shape=[stat_shape, stat_shape], compiler_params=params, interpret=interpret,
+        name="suffix_attention_stats")(qg, keys, kp, rp)
+    inv_l = 1.0 / jnp.maximum(l, 1e-30)
+    out, scores = pl.pallas_call(
+        functools.partial(_tpu_probs_kernel, scale=scale, reduce=reduce), grid=grid,
+        in_specs=[q_spec, kv_spec, kv_spec, kp_spec, row_spec, row_spec, stat_spec, stat_spec],
+        out_specs=[q_spec, kp_spec],
+        out_shape=[jax.ShapeDtypeStruct((B, K, Mp, Hp), jnp.float32), jax.ShapeDtypeStruct((B, K, 1, Sp), jnp.float32)],
+        compiler_params=params, interpret=interpret, name="suffix_attention_probs",
+    )(qg, keys, values, kp, rp, w, m, inv_l)
+    return out, scores[:, :, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU driver: independent programs over (B, K, S chunk), a fori_loop over the chunk's blocks
+
+
+def _gpu_stats_kernel(q_ref, k_ref, kp_ref, rp_ref, m_ref, l_ref, *, scale, block_s, n_inner):
+    q = q_ref[...]
+    rp = rp_ref[...][:, None]
+
+    def body(i, carry):
+        sl = pl.ds(i * block_s, block_s)
+        s, mask = _logits(q, k_ref[sl, :], kp_ref[sl][None, :], rp, scale)
+        return _stats_update(s, mask, *carry)
+
+    Mp = q.shape[0]
+    init = (jnp.full((Mp, 1), NEG, jnp.float32), jnp.zeros((Mp, 1), jnp.float32))
+    m, l = jax.lax.fori_loop(0, n_inner, body, init)
+    m_ref[...] = m[:, 0]
+    l_ref[...] = l[:, 0]
+
+
+def _gpu_probs_kernel(q_ref, k_ref, v_ref, kp_ref, rp_ref, w_ref, m_ref, il_ref, o_ref, sc_ref, *, scale, reduce,
+                      block_s, n_inner):
+    q = q_ref[...]
+    rp = rp_ref[...][:, None]
+    w = w_ref[...][:, None]
+    m = m_ref[...][:, None]
+    inv_l = il_ref[...][:, None]
+
+    def body(i, acc):
+        sl = pl.ds(i * block_s, block_s)
+        s, mask = _logits(q, k_ref[sl, :], kp_ref[sl][None, :], rp, scale)
+        p, sc = _probs(s, mask, m, inv_l, w, reduce)
+        sc_ref[sl] = sc[0]
+        v = v_ref[sl, :]
+        return acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+    o_ref[...] = jax.lax.fori_loop(0, n_inner, body, jnp.zeros(o_ref.shape, jnp.float32))
+
+
+def gpu_split(n_blocks: int, batch_heads: int) -> tuple[int, int]:
+    """(n_split, n_inner): chunks per (b, k) row and blocks per chunk (a power of two, for Triton)."""
+    want = max(1, min(n_blocks, -(-GPU_PROGRAMS // batch_heads)))
+    n_inner = _next_pow2(-(-n_blocks // want))
+    return -(-n_blocks // n_inner), n_inner
+
+
+def _run_gpu(qg, kp, rp, w, keys, values, *, scale, reduce, block_s, n_inner, interpret):
+    B, K, Mp, Hp = qg.shape
+    Sp = keys.shape[2]
+    chunk = n_inner * block_s
+    ns = Sp // chunk
+    grid = (B, K, ns)
+    q_spec = pl.BlockSpec((None, None, Mp, Hp), lambda b, k, i: (b, k, 0, 0))
+    kv_spec = pl.BlockSpec((None, None, chunk, Hp), lambda b, k, i: (b, k, i, 0))
+    kp_spec = pl.BlockSpec((None, None, chunk), lambda b, k, i: (b, k, i))
+    row_spec = pl.BlockSpec((None, Mp), lambda b, k, i: (b, 0))
+    part_spec = pl.BlockSpec((None, None, None, Mp), lambda b, k, i: (b, k, i, 0))
+    stat_spec = pl.BlockSpec((None, None, Mp), lambda b, k, i: (b, k, 0))
+    params = pltriton.CompilerParams(num_warps=4, num_stages=2)
+    kw = dict(scale=scale, block_s=block_s, n_inner=n_inner)
+    part_shape = jax.ShapeDtypeStruct((B, K, ns, Mp), jnp.float32)
+    m_part, l_part = pl.pallas_call(
+        functools.partial(_gpu_stats_kernel, **kw), grid=grid,
+        in_specs=[q_spec, kv_spec, kp_spec, row_spec], out_specs=[part_spec, part_spec],
+        out_shape=[part_shape, part_shape], compiler_params=params, interpret=interpret,
+        name="suffix_attention_stats")(qg, keys, kp, rp)
+    m = m_part.max(2)
+    l = (l_part * jnp.exp(m_part - m[:, :, None])).sum(2)
+    inv_l = 1.0 / jnp.maximum(l, 1e-30)
+    acc, scores = pl.pallas_call(
+        functools.partial(_gpu_probs_kernel, reduce=reduce, **kw), grid=grid,
+        in_specs=[q_spec, kv_spec, kv_spec, kp_spec, row_spec, row_spec, stat_spec, stat_spec],
+        out_specs=[pl.BlockSpec((None, None, None, Mp, Hp), lambda b, k, i: (b, k, i, 0, 0)), kp_spec],
+        out_shape=[jax.ShapeDtypeStruct((B, K, ns, Mp, Hp), jnp.float32),
+                   jax.ShapeDtypeStruct((B, K, Sp), jnp.float32)],
+        compiler_params=params, interpret=interpret, name="suffix_attention_probs",
+    )(qg, keys, values, kp, rp, w, m, inv_l)
+    return acc.sum(2), scores
+
+
+# ----------------------------------------------------------------------------------------------
+# wrapper: layout, padding, masks
+
+
+def check_block_s(block_s: int, target: str) -> None:
+    """Hardware-legal S block sizes: multiples of 128 lanes on TPU, powers of two >= 16 for Triton."""
+    if target == "tpu" and (block_s < 128 or block_s % 128):
+        raise ValueError(f"block_s must be a positive multiple of 128 for the TPU kernel, got {block_s}")
+    if target == "gpu" and (block_s < 16 or block_s & (block_s - 1)):
+        raise ValueError(f"block_s must be a power of two >= 16 for the GPU kernel, got {block_s}")
+
+
+def suffix_attention_pallas(q, q_pos, keys, values, key_pos, key_valid, score_mask, *, reduce: str = "mean",
+                            interpret=False, block_s: int | None = None, target: str = "tpu"):
+    """Pallas suffix attention (same contract as the reference; inputs already validated).
+
+    q [B, L, N, H]; q_pos int32 [B, L]; keys/values [B, K, S, H]; key_pos int32 [B, K, S];
+    key_valid bool [B, K, S]; score_mask bool [B, L]. Returns out [B, L, N, H] in q.dtype and scores
+    float32 [B, K, S]. `target` picks the driver ("tpu" or "gpu"), `interpret` runs it on CPU.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if reduce not in REDUCES:
+        raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
+    block_s = DEFAULT_BLOCK_S[target] if block_s is None else int(block_s)
+    check_block_s(block_s, target)
+    B, L, N, H = q.shape
+    K, S = keys.shape[1], keys.shape[2]
+    G = N // K
+    M = G * L
+    if target == "gpu":  # Triton: power-of-two tiles, tl.dot needs >= 16
+        Mp, Hp = max(16, _next_pow2(M)), max(16, _next_pow2(H))
+    else:  # Mosaic TPU: rows a multiple of 8 sublanes; H is a full dim
+        Mp, Hp = _round_up(M, 8), H
+    n_blocks = -(-S // block_s)
+    if target == "gpu":
+        n_split, n_inner = gpu_split(n_blocks, B * K)
+        Sp = n_split * n_inner * block_s
+    else:
+        Sp = n_blocks * block_s
+
+    qg = q.reshape(B, L, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, M, H)
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, Mp - M), (0, Hp - H)))
+    pad_kv = ((0, 0), (0, 0), (0, Sp - S), (0, Hp - H))
+    keys_p, values_p = jnp.pad(keys, pad_kv), jnp.pad(values, pad_kv)
+    kp = jnp.where(key_valid, key_pos.astype(jnp.int32), INT_MAX)
+    kp = jnp.pad(kp, ((0, 0), (0, 0), (0, Sp - S)), constant_values=INT_MAX)
+    row_l = jnp.arange(Mp) % L
+    real = jnp.arange(Mp) < M
+    rp = jnp.where(real, q_pos.astype(jnp.int32)[:, row_l], INT_MIN)  # [B, Mp]
+    w = jnp.where(real, score_weights(score_mask, G, reduce)[:, row_l], 0.0)
+    scale = float(H) ** -0.5
+    if target == "tpu":
+        out, scores = _run_tpu(qg, kp[:, :, None, :], rp[:, :, None], w[:, :, None], keys_p, values_p, scale=scale,
+                               reduce=reduce, block_s=block_s, interpret=interpret)
+    else:
+        out, scores = _run_gpu(qg, kp, rp, w, keys_p, values_p, scale=scale, reduce=reduce, block_s=block_s,
+                               n_inner=n_inner, interpret=interpret)
+    out = out[:, :, :M, :H].reshape(B, K, G, L, H).transpose(0, 3, 1, 2, 4).reshape(B, L, N, H)
+    return out.astype(q.dtype), scores[:, :, :S]
