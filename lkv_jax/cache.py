@@ -40,7 +40,7 @@ class KVCache:
         return self.keys[layer].shape[2]
 
     @staticmethod
-    def empty(n_layers: int, batch: int, n_kv_heads: int, capacity: int, head_dim: int, dtype) -> "KVCache":
+    def empty(n_layers: int, batch: int, n_kv_heads: int, capacity: int, head_dim: int, dtype) -> KVCache:
         kv = jnp.zeros((batch, n_kv_heads, capacity, head_dim), dtype)
         pos = jnp.full((batch, n_kv_heads, capacity), -1, jnp.int32)
         val = jnp.zeros((batch, n_kv_heads, capacity), bool)
@@ -50,7 +50,7 @@ class KVCache:
             next_position=jnp.zeros((batch,), jnp.int32),
         )
 
-    def grow(self, extra: int) -> "KVCache":
+    def grow(self, extra: int) -> KVCache:
         """The same cache with `extra` more empty slots per layer (room to decode into)."""
         if extra <= 0:
             return self

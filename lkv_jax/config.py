@@ -90,7 +90,7 @@ class ModelConfig:
             )
 
     @classmethod
-    def from_hf_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
         archs = cfg.get("architectures") or []
         family = None
         for a in archs:
@@ -140,7 +140,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ModelConfig":
+    def from_json(cls, path: str | Path) -> ModelConfig:
         return cls.from_hf_dict(json.loads(Path(path).read_text()))
 
     def to_hf_dict(self) -> dict[str, Any]:

@@ -14,7 +14,7 @@ positions compute exactly the base model's values (used by the lookahead adapter
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
