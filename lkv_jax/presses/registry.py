@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from lkv_jax.presses.base import BasePress
+from lkv_jax.presses.lookahead_kv import LookaheadKVPress
 from lkv_jax.presses.streaming_llm import StreamingLLMPress
 
 # name -> constructor taking compression_ratio= / budget= and press-specific keywords
 PRESSES: dict[str, Callable[..., BasePress]] = {
     "streamingllm": StreamingLLMPress,
+    "lookaheadkv": LookaheadKVPress,  # needs adapter=
 }
 
 

@@ -1,0 +1,73 @@
+"""Training checkpoints with orbax: adapter, optimizer state, step and data-iterator state.
+
+`orbax.checkpoint.CheckpointManager` gives atomic saves (written to a temporary directory, renamed
+when complete) and keep-N retention. The adapter and the optax state are stored as flat dicts of
+their leaves (in `jax.tree` order) and restored into templates of the same structure, so any pytree
+node type (the adapter dataclass, optax's named tuples) round-trips without orbax knowing it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+
+
+def _flat(tree) -> dict[str, np.ndarray]:
+    return {f"p{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(tree))}
+
+
+def _unflat(template, flat: dict):
+    leaves, treedef = jax.tree.flatten(template)
+    if len(flat) != len(leaves):
+        raise ValueError(f"checkpoint holds {len(flat)} tensors, the template {len(leaves)}: "
+                         "was it written with other adapter settings (rank, targets, layers)?")
+    out = []
+    for i, ref in enumerate(leaves):
+        x = flat[f"p{i:05d}"]
+        if tuple(np.shape(x)) != tuple(np.shape(ref)):
+            raise ValueError(f"checkpoint tensor {i} has shape {np.shape(x)}, expected {np.shape(ref)}: "
+                             "was it written with other adapter settings?")
+        out.append(jax.numpy.asarray(x, dtype=np.asarray(ref).dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+class TrainCheckpointer:
+    """Save / restore (step, adapter, opt_state, data_state, info) under `directory/<step>/`."""
+
+    def __init__(self, directory, keep: int = 3):
+        import orbax.checkpoint as ocp
+
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self._ocp = ocp
+        self.directory = Path(directory).absolute()  # orbax needs absolute paths
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, adapter, opt_state, data_state: dict, info: dict) -> None:
+        ocp = self._ocp
+        self.manager.save(step, args=ocp.args.Composite(
+            adapter=ocp.args.StandardSave(_flat(adapter)), opt_state=ocp.args.StandardSave(_flat(opt_state)),
+            data=ocp.args.JsonSave(data_state), info=ocp.args.JsonSave({**info, "step": int(step)})))
+
+    def restore(self, step: int, adapter_template, opt_state_template):
+        """Returns (adapter, opt_state, data_state, info) of checkpoint `step`."""
+        ocp = self._ocp
+        r = self.manager.restore(step, args=ocp.args.Composite(
+            adapter=ocp.args.StandardRestore(_flat(adapter_template)),
+            opt_state=ocp.args.StandardRestore(_flat(opt_state_template)),
+            data=ocp.args.JsonRestore(), info=ocp.args.JsonRestore()))
+        return (_unflat(adapter_template, r["adapter"]), _unflat(opt_state_template, r["opt_state"]),
+                r["data"], r["info"])
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,229 @@
+"""Training the lookahead adapter: prefill without gradient, differentiate only the lookahead glimpse.
+
+A step: prefill the batch's prompts into a cache (under `stop_gradient`: the prompt never depends on
+the adapter because the LoRA is masked to lookahead positions), take the labels (from the dataset, or
+on the fly from a glimpse of the response at the same cache), glimpse with the lookahead suffix, and
+minimise the mean KL(label || prediction) with AdamW (warmup + cosine, global-norm clipping). The
+gradient and the optimizer state exist for the adapter alone.
+
+`train_step(graphdef, base_params, adapter, opt_state, batch, ...)` is the pure step; base, adapter and
+batch are separate arguments so that each can be given its own sharding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from lkv_jax.inference import prefill_pure
+from lkv_jax.lookahead.adapter import LookaheadAdapter, init_adapter, param_summary, save_adapter
+from lkv_jax.lookahead.data_pipeline import DEFAULT_BUCKETS, check_buckets, make_dataset, prefill_chunk
+from lkv_jax.lookahead.labels import labels_from_cache
+from lkv_jax.lookahead.loss import label_mass_recall, lookahead_loss
+from lkv_jax.lookahead.scoring import lookahead_glimpse
+from lkv_jax.models.transformer import PROJECTIONS
+
+LABEL_SOURCES = ("dataset", "on-the-fly")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the gradient became NaN/Inf; the last good checkpoint was left intact."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on (saved with each checkpoint)."""
+
+    data_dir: str
+    out_dir: str
+    model_dir: str | None = None
+    steps: int = 1000
+    batch_size: int = 4
+    learning_rate: float = 5e-4
+    warmup_steps: int = 50
+    end_lr_ratio: float = 0.1  # cosine decays to learning_rate * end_lr_ratio
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    n_lookahead: int = 32
+    rank: int = 8
+    alpha: float = 32.0
+    targets: tuple[str, ...] = PROJECTIONS
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    seed: int = 0
+    labels: str = "dataset"  # or "on-the-fly": labels from the stored responses inside the step
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    recall_budgets: tuple[int, ...] = (64, 128, 256)
+    dtype: str = "bfloat16"  # base model activations
+
+    def __post_init__(self):
+        if self.labels not in LABEL_SOURCES:
+            raise ValueError(f"labels must be one of {LABEL_SOURCES}, got {self.labels!r}")
+        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0 or self.warmup_steps < 0 or self.clip_norm <= 0:
+            raise ValueError("need learning_rate > 0, warmup_steps >= 0 and clip_norm > 0")
+        check_buckets(self.buckets)
+
+
+def make_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0 to learning_rate, then cosine decay to learning_rate * end_lr_ratio."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+        decay_steps=max(cfg.steps, cfg.warmup_steps + 1), end_value=cfg.learning_rate * cfg.end_lr_ratio)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW on `make_schedule(cfg)`."""
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                       optax.adamw(make_schedule(cfg), weight_decay=cfg.weight_decay))
+
+
+def loss_fn(adapter: LookaheadAdapter, model, batch: dict, *, chunk: int, label_source: str = "dataset"):
+    """Scalar loss and (prediction, labels) [B, n_layers, N, T] for a batch (see `data_pipeline`)."""
+    ids, valid = batch["prompt_ids"], batch["prompt_valid"]
+    cache, _ = prefill_pure(model, ids, valid, batch["positions"], chunk=chunk, capacity=ids.shape[1])
+    cache = jax.lax.stop_gradient(cache)
+    if label_source == "dataset":
+        labels = batch["labels"]
+    else:
+        labels = labels_from_cache(model, cache, valid, batch["response_ids"], batch["response_mask"])
+    labels = jax.lax.stop_gradient(labels)
+    g = lookahead_glimpse(model, cache, adapter)
+    pred = jnp.stack(g.scores, axis=1)
+    return lookahead_loss(labels, pred, valid, batch["row_weight"]), (pred, labels)
+
+
+def train_step(graphdef, base_params, adapter, opt_state, batch, *, optimizer, chunk: int,
+               label_source: str = "dataset", recall_budgets=(64, 128, 256)):
+    """One AdamW step on the adapter only. Pure and jittable (graphdef, optimizer, chunk, label_source,
+    recall_budgets static). Returns (adapter, opt_state, metrics dict of float32 scalars)."""
+    model = nnx.merge(graphdef, base_params)
+    (loss, (pred, labels)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        adapter, model, batch, chunk=chunk, label_source=label_source)
+    updates, opt_state = optimizer.update(grads, opt_state, adapter)
+    adapter = optax.apply_updates(adapter, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    for b in recall_budgets:
+        metrics[f"recall@{b}"] = label_mass_recall(labels, pred, batch["prompt_valid"],
+                                                   model.config.num_key_value_heads, b, batch["row_weight"])
+    return adapter, opt_state, metrics
+
+
+def jit_train_step(graphdef, optimizer, *, label_source: str = "dataset", recall_budgets=(64, 128, 256)):
+    """`step(base_params, adapter, opt_state, batch, chunk)` compiled per prompt bucket (chunk static)."""
+    def step(base_params, adapter, opt_state, batch, chunk):
+        return train_step(graphdef, base_params, adapter, opt_state, batch, optimizer=optimizer, chunk=chunk,
+                          label_source=label_source, recall_budgets=tuple(recall_budgets))
+    return jax.jit(step, static_argnames=("chunk",))
+
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop metric lines past the checkpoint (they are recomputed identically)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _all_finite(tree) -> bool:
+    return all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(tree))
+
+
+def train(cfg: TrainConfig, *, model=None, progress: bool = True, stop_after: int | None = None) -> LookaheadAdapter:
+    """Train (or resume) an adapter per `cfg`; returns it and writes `out_dir/adapter.safetensors`.
+
+    out_dir/checkpoints/ holds orbax checkpoints (resumed automatically), out_dir/metrics.jsonl the
+    metrics, out_dir/config.json the config. `model`: an already loaded base (else cfg.model_dir).
+    `stop_after`: stop once this step is reached (to split a run across preemptible jobs).
+    Raises TrainingDivergedError on a non-finite loss or gradient, before it reaches a checkpoint.
+    """
+    from tqdm import tqdm
+
+    from lkv_jax.lookahead.checkpointing import TrainCheckpointer
+    from lkv_jax.lookahead.label_store import LabelDataset
+
+    if model is None:
+        if cfg.model_dir is None:
+            raise ValueError("give model_dir (a Hugging Face checkpoint directory) or a loaded model")
+        from lkv_jax.checkpoint.hf import load_hf
+
+        model = load_hf(cfg.model_dir, dtype=cfg.dtype)
+    source = LabelDataset(cfg.data_dir)
+    meta = source.meta
+    mc = model.config
+    if (meta["n_layers"], meta["n_heads"]) != (mc.num_hidden_layers, mc.num_attention_heads):
+        raise ValueError(f"labels in {cfg.data_dir} are for {meta['n_layers']} layers x {meta['n_heads']} heads, "
+                         f"the model has {mc.num_hidden_layers} x {mc.num_attention_heads}")
+    too_long = int((source.prompt_lengths > cfg.buckets[-1]).sum())
+    if too_long:
+        raise ValueError(f"{too_long} prompts are longer than the largest bucket {cfg.buckets[-1]}; add a bucket")
+
+    out = Path(cfg.out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    metrics_path = out / "metrics.jsonl"
+
+    optimizer = make_optimizer(cfg)
+    adapter = init_adapter(mc, jax.random.key(cfg.seed), cfg.n_lookahead, cfg.rank, cfg.alpha, cfg.targets)
+    opt_state = optimizer.init(adapter)
+    if progress:
+        print(param_summary(mc, adapter))
+    dataset = make_dataset(source, batch_size=cfg.batch_size, buckets=cfg.buckets, seed=cfg.seed,
+                           n_batches=cfg.steps, with_labels=cfg.labels == "dataset")
+    it = iter(dataset)
+    ckpt = TrainCheckpointer(out / "checkpoints", keep=cfg.keep_checkpoints)
+    step = 0
+    latest = ckpt.latest_step()
+    if latest is not None:
+        adapter, opt_state, data_state, _ = ckpt.restore(latest, adapter, opt_state)
+        it.set_state(data_state)
+        step = latest
+        _trim_metrics(metrics_path, step)
+    graphdef, base_params = nnx.split(model)
+    step_fn = jit_train_step(graphdef, optimizer, label_source=cfg.labels, recall_budgets=cfg.recall_budgets)
+    end = cfg.steps if stop_after is None else min(cfg.steps, int(stop_after))
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
+    t0 = time.perf_counter()
+    try:
+        with metrics_path.open("a") as log:
+            while step < end:
+                batch = next(it)
+                T = batch["prompt_ids"].shape[1]
+                new_adapter, new_opt, m = step_fn(base_params, adapter, opt_state, batch, prefill_chunk(T))
+                m = {k: float(v) for k, v in jax.device_get(m).items()}
+                if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and _all_finite(new_adapter)):
+                    raise TrainingDivergedError(
+                        f"step {step + 1}: loss {m['loss']}, gradient norm {m['grad_norm']} (prompt bucket {T}); "
+                        f"stopped, the last good checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is "
+                        "intact. Check the labels of this batch, or lower the learning rate.")
+                adapter, opt_state = new_adapter, new_opt
+                step += 1
+                if step % cfg.log_every == 0 or step == end:
+                    lr = float(make_schedule(cfg)(step - 1))
+                    log.write(json.dumps({"step": step, **m, "lr": lr, "bucket": T,
+                                          "seconds": round(time.perf_counter() - t0, 3)}) + "\n")
+                    log.flush()
+                if step % cfg.checkpoint_every == 0 or step == end:
+                    ckpt.save(step, adapter, opt_state, it.get_state(), {"config": dataclasses.asdict(cfg)})
+                bar.set_postfix(loss=f"{m['loss']:.4f}", r64=f"{m.get('recall@64', float('nan')):.3f}")
+                bar.update(1)
+    finally:
+        bar.close()
+        ckpt.close()
+    save_adapter(adapter, out / "adapter.safetensors")
+    return adapter
+
+
+

@@ -1,0 +1,80 @@
+"""LookaheadKV (Ahn et al., ICLR 2026): learned lookahead tokens with a selective LoRA glimpse at the
+prompt's cache; their mean attention on each prompt position predicts what the response will attend to.
+
+One prefill of the prompt (with `n_lookahead` spare slots), one glimpse of the lookahead embeddings with
+the LoRA switched on for them only; their KV lands in the spare slots, which selection never keeps, so
+the compressed cache is the plain base model's and decoding costs nothing extra.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax.numpy as jnp
+
+from lkv_jax.inference import prefill_pure
+from lkv_jax.lookahead.adapter import LookaheadAdapter
+from lkv_jax.lookahead.scoring import lookahead_glimpse, pool_scores, reduce_gqa
+from lkv_jax.presses.base import BasePress, Scored, register_press
+
+
+@register_press
+@dataclasses.dataclass(frozen=True, init=False)
+class LookaheadKVPress(BasePress):
+    """`LookaheadKVPress(adapter, compression_ratio=0.9)` or `LookaheadKVPress(adapter, budget=128)`.
+
+    gqa_reduction: "mean" (as kvpress) or "max" over the query heads of a KV head.
+    pooling: None (the paper's default as far as known), "avg" or "max" 1-D pooling of the scores over
+    prompt positions with `kernel_size`, as SnapKV does.
+    """
+
+    adapter: LookaheadAdapter | None = None
+    gqa_reduction: str = "mean"
+    pooling: str | None = None
+    kernel_size: int = 5
+
+    array_fields: ClassVar[tuple[str, ...]] = ("adapter",)
+
+    # explicit __init__ so the adapter can come first positionally (dataclass inheritance would put the
+    # base fields compression_ratio / budget first)
+    def __init__(self, adapter: LookaheadAdapter | None = None, compression_ratio: float = 0.0,
+                 budget: int | None = None, gqa_reduction: str = "mean", pooling: str | None = None,
+                 kernel_size: int = 5):
+        for name, value in (("adapter", adapter), ("compression_ratio", compression_ratio), ("budget", budget),
+                            ("gqa_reduction", gqa_reduction), ("pooling", pooling), ("kernel_size", kernel_size)):
+            object.__setattr__(self, name, value)
+        self.__post_init__()
+
+    def __post_init__(self):
+        if not isinstance(self.adapter, LookaheadAdapter):
+            raise ValueError("LookaheadKVPress needs an adapter: LookaheadKVPress(adapter, budget=...) with "
+                             "lkv_jax.lookahead.load_adapter(path) or init_adapter(config, key); got "
+                             f"{type(self.adapter).__name__}")
+        super().__post_init__()
+        if self.gqa_reduction not in ("mean", "max"):
+            raise ValueError(f"gqa_reduction must be 'mean' or 'max', got {self.gqa_reduction!r}")
+        if self.pooling not in (None, "avg", "max"):
+            raise ValueError(f"pooling must be None, 'avg' or 'max', got {self.pooling!r}")
+        if self.pooling is not None and (int(self.kernel_size) < 1 or int(self.kernel_size) % 2 == 0):
+            raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size}")
+
+    @property
+    def suffix_slots(self) -> int:
+        return self.adapter.n_lookahead
+
+    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk):
+        adapter = self.adapter
+        T = prompt_ids.shape[1]
+        cache, logits = prefill_pure(model, prompt_ids, valid, positions, chunk=chunk,
+                                     capacity=T + adapter.n_lookahead)
+        g = lookahead_glimpse(model, cache, adapter, append=True)
+        K = model.config.num_key_value_heads
+        scores, protected = [], []
+        for l, s in enumerate(g.scores):
+            # only prompt tokens compete: zero the padding and the lookahead's own slots before pooling
+            prompt_slot = cache.valid[l][:, :1] & (jnp.arange(s.shape[-1]) < T)
+            s = pool_scores(jnp.where(prompt_slot, s, 0.0), self.pooling, int(self.kernel_size))
+            scores.append(reduce_gqa(s, K, self.gqa_reduction))
+            protected.append(jnp.zeros(scores[-1].shape, bool))
+        return Scored(cache=g.cache, logits=logits, scores=tuple(scores), protected=tuple(protected))
