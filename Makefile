@@ -1,24 +1,32 @@
-# Two commands a newcomer needs: `make demo` (the main job) and `make test`. Both create .venv if missing.
+# Two commands a newcomer needs: `make demo` (the main job) and `make test`.
+# Each creates .venv at the project root if missing and installs what it needs.
 PY := .venv/bin/python
-STAMP := .venv/.installed
+BASE := .venv/.installed-base
+TEST := .venv/.installed-test
 
 .PHONY: demo test lint install clean
 
-$(STAMP): pyproject.toml
+.venv/bin/python:
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
+
+$(BASE): pyproject.toml | .venv/bin/python
+	$(PY) -m pip install -q -e .
+	touch $(BASE)
+
+$(TEST): pyproject.toml | .venv/bin/python
 	$(PY) -m pip install -q -e ".[test]"
-	touch $(STAMP)
+	touch $(BASE) $(TEST)
 
-install: $(STAMP)
+install: $(BASE)
 
-lint: $(STAMP)
+lint: $(TEST)
 	$(PY) -m ruff check lkv_jax pallas_kernels experiments tests
 
-test: $(STAMP) lint
+test: $(TEST) lint
 	$(PY) -m pytest -n 2 tests
 
-demo: $(STAMP)
+demo: $(BASE)
 	$(PY) experiments/demo.py
 
 clean:
