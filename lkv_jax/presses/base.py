@@ -14,7 +14,6 @@ then selects the top entries per layer and KV head and gathers the compact cache
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import ClassVar
 
 import jax
@@ -108,15 +107,19 @@ class BasePress:
             return np.minimum(int(self.budget), n)
         return (n * (1.0 - self.compression_ratio)).astype(np.int64)
 
-    def compress(self, model, prompt: Prompt) -> CompressOutput:
-        """Prefill, score and evict a prepared prompt batch (see `lkv_jax.compress`)."""
+    def eviction_plan(self, model, prompt: Prompt) -> tuple[np.ndarray, tuple[int, ...]]:
+        """(entries kept per row int [B], static capacity per layer) for a prepared prompt batch."""
         n_prompt = np.asarray(prompt.valid).sum(1)
         counts = self.keep_count(n_prompt)
         if (counts < np.minimum(self.n_protected, n_prompt)).any():
             raise ValueError(f"{type(self).__name__} keeps {counts.min()} entries for a {n_prompt.min()}-token "
                              f"prompt, fewer than its {self.n_protected} protected ones")
         n_kept = int(max(counts.max(), 1))
-        budgets = tuple(self.layer_budgets(n_kept, int(n_prompt.max()), model.config.num_hidden_layers))
+        return counts, tuple(self.layer_budgets(n_kept, int(n_prompt.max()), model.config.num_hidden_layers))
+
+    def compress(self, model, prompt: Prompt) -> CompressOutput:
+        """Prefill, score and evict a prepared prompt batch (see `lkv_jax.compress`)."""
+        counts, budgets = self.eviction_plan(model, prompt)
         graphdef, params = nnx.split(model)
         return _compress_jit(graphdef, params, self, prompt.ids, prompt.valid, prompt.positions,
                              jnp.asarray(counts, jnp.int32), chunk=prompt.chunk, budgets=budgets)
@@ -138,9 +141,12 @@ def evict(scored: Scored, n_prompt_slots: int, budgets, counts, base_count) -> C
     return CompressOutput(cache=new_cache, kept_positions=kept_positions, scores=scored.scores, logits=scored.logits)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "budgets"))
-def _compress_jit(graphdef, params, press, ids, valid, positions, counts, *, chunk, budgets):
+def compress_pure(graphdef, params, press, ids, valid, positions, counts, *, chunk, budgets) -> CompressOutput:
+    """The whole prefill-score-evict path as one pure function (jit it, with shardings if you like)."""
     model = nnx.merge(graphdef, params)
     scored = press.prefill_and_score(model, ids, valid, positions, chunk)
     base = max(budgets) if len(set(budgets)) == 1 else round(sum(budgets) / len(budgets))
     return evict(scored, ids.shape[1], budgets, counts, base)
+
+
+_compress_jit = jax.jit(compress_pure, static_argnames=("graphdef", "chunk", "budgets"))
