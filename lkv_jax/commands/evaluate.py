@@ -1,0 +1,128 @@
+"""`lkv eval`: presses x budgets (or ratios) x tasks on a converted model -> cell JSONs, a markdown
+table and PNG plots (see `lkv_jax.evaluation`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = ("evaluate KV-cache eviction: presses x budgets x tasks (synthetic RULER-style or LongBench) -> "
+        "per-cell JSON, results.md, plots; resumable")
+
+EPILOG = """\
+tasks:
+  synthetic (built-in vocabulary, one task per --lengths entry): niah_single, niah_multikey,
+    niah_multivalue, niah_multiquery, vt, fwe, tag_list
+  LongBench (needs --longbench-dir with <task>.jsonl, or --longbench-hub): longbench/<task>, e.g.
+    longbench/hotpotqa, longbench/gov_report (the 16 English tasks)
+presses: registered names (snapkv, pyramidkv, streamingllm, tova, laq, lookaheadkv, ...) with optional
+  keyword overrides after colons, e.g. snapkv:window_size=8 (lookaheadkv needs --adapter)
+example:
+  lkv eval --model tiny --adapter adapter.safetensors --presses lookaheadkv,snapkv,tova \\
+      --budgets 16,32,64 --tasks niah_multikey,tag_list --lengths 1024 --out runs/eval
+"""
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def add_arguments(p) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = EPILOG
+    p.add_argument("--model", required=True, help="Hugging Face model directory (config.json + safetensors)")
+    p.add_argument("--adapter", default=None, help="LookaheadKV adapter file (for the lookaheadkv press)")
+    p.add_argument("--presses", type=_names, required=True, help="comma-separated press specs")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--budgets", type=_ints, help="entries kept per layer and KV head, e.g. 16,32,64")
+    g.add_argument("--ratios", type=_floats, help="compression ratios (fraction removed), e.g. 0.5,0.75,0.9")
+    p.add_argument("--tasks", type=_names, required=True, help="comma-separated task names (see below)")
+    p.add_argument("--out", required=True, help="output folder (resumed if it holds finished cells)")
+    p.add_argument("--lengths", type=_ints, default=(1024,), help="synthetic context lengths in tokens")
+    p.add_argument("--n-samples", type=int, default=20, help="samples per task (LongBench: first n; 0 = all)")
+    p.add_argument("--seed", type=int, default=1234, help="synthetic sample seed (keep it apart from training's)")
+    p.add_argument("--question-agnostic", action="store_true",
+                   help="compress the context before the question is seen (default: query-aware)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk")
+    p.add_argument("--pad-multiple", type=int, default=64, help="pad prompts to a multiple of this (fewer compiles)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--no-oracle", action="store_true", help="skip the oracle coverage diagnostics")
+    p.add_argument("--no-overhead", action="store_true", help="skip the timing of compress against prefill")
+    p.add_argument("--longbench-dir", default=None, help="folder with the official LongBench <task>.jsonl files")
+    p.add_argument("--longbench-hub", action="store_true", help="download LongBench from the Hugging Face hub")
+    p.add_argument("--tokenizer", default=None, help="Hugging Face tokenizer folder (default: --model)")
+    p.add_argument("--max-length", type=int, default=31500, help="LongBench: middle-truncate prompts to this")
+    p.add_argument("--chat-template", action="store_true", help="LongBench: apply the tokenizer's chat template")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def build_tasks(args) -> list:
+    """The EvalTasks named by --tasks."""
+    from lkv_jax.evaluation.tasks import longbench_task, synthetic_task
+
+    tasks, tokenizer, vocab = [], None, None
+    limit = args.n_samples or None
+    for name in args.tasks:
+        if name.startswith(("longbench/", "longbench:")):
+            if tokenizer is None:
+                from transformers import AutoTokenizer
+
+                src = args.tokenizer or args.model
+                try:
+                    tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
+                except (OSError, ValueError) as e:
+                    raise FileNotFoundError(f"no Hugging Face tokenizer in {src} ({e}); pass --tokenizer") from e
+            if args.longbench_dir is None and not args.longbench_hub:
+                raise ValueError("LongBench tasks need --longbench-dir DIR (or --longbench-hub)")
+            tasks.append(longbench_task(name.split("/", 1)[-1].split(":", 1)[-1], tokenizer,
+                                        data_dir=args.longbench_dir, from_hub=args.longbench_hub,
+                                        max_length=args.max_length, chat_template=args.chat_template, limit=limit))
+        else:
+            if vocab is None:
+                from lkv_jax.data.vocab import builtin_vocab, load_vocab
+
+                tok_dir = Path(args.tokenizer or args.model)
+                vocab = load_vocab(tok_dir) if (tok_dir / "tokenizer.json").is_file() else builtin_vocab()
+            for length in args.lengths:
+                tasks.append(synthetic_task(name, n_samples=args.n_samples or 20, length=length, seed=args.seed,
+                                            vocab=vocab))
+    return tasks
+
+
+def run(args) -> int:
+    import lkv_jax
+    from lkv_jax.evaluation.report import write_report
+    from lkv_jax.evaluation.runner import EvalConfig, PressSpec, run_eval
+
+    cfg = EvalConfig(presses=tuple(PressSpec.parse(p) for p in args.presses), budgets=args.budgets or (),
+                     ratios=args.ratios or (), mode="question-agnostic" if args.question_agnostic else "query-aware",
+                     batch_size=args.batch_size, chunk_size=args.chunk_size, pad_multiple=args.pad_multiple,
+                     oracle=not args.no_oracle, measure_overhead=not args.no_overhead)
+    model = lkv_jax.load_hf(args.model, dtype=args.dtype)
+    adapter = None
+    if args.adapter:
+        from lkv_jax.lookahead import load_adapter
+
+        adapter = load_adapter(args.adapter, model.config)
+    tasks = build_tasks(args)
+    run_eval(model, tasks, cfg, args.out, adapter=adapter, progress=not args.no_progress)
+    paths = write_report(args.out)
+    print(paths["table"].read_text())
+    for key, path in paths.items():
+        print(f"{key}: {path}")
+    return 0

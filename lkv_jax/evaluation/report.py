@@ -1,0 +1,261 @@
+"""Tables and plots from the cell JSONs an evaluation run wrote (`lkv_jax.evaluation.runner`).
+
+    results.md          score per press x setting for every task and on average (FullKV its own row),
+                        eviction overhead per press, oracle coverage per press (and per layer)
+    scores.png          score against budget (or ratio), one panel per task plus the average
+    overhead.png        eviction overhead per press (ms per batch above a plain prefill) against budget
+    oracle.png          oracle coverage against budget per press, and per layer at the smallest budget
+    summary.json        the numbers of the tables
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from lkv_jax.evaluation.runner import FULL_KV
+
+
+def load_cells(out_dir) -> list[dict]:
+    """Every complete cell JSON under out_dir/cells (per-sample records dropped)."""
+    cells = []
+    for path in sorted(Path(out_dir, "cells").rglob("*.json")):
+        try:
+            cell = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+        if cell.get("complete"):
+            cell.pop("samples", None)
+            cells.append(cell)
+    if not cells:
+        raise FileNotFoundError(f"no complete cell under {Path(out_dir) / 'cells'}; run the evaluation first")
+    return cells
+
+
+def _x(cell) -> float:
+    return cell["budget"] if cell["budget"] is not None else cell["ratio"]
+
+
+def _grid(cells: list[dict]) -> dict:
+    """tasks, presses (FullKV first), settings (x values, sorted) and the cell lookup."""
+    press_cells = [c for c in cells if c["press"] != FULL_KV]
+    kinds = {"budget" if c["budget"] is not None else "ratio" for c in press_cells}
+    if len(kinds) > 1:
+        raise ValueError("the run mixes budgets and ratios; report them from separate output folders")
+    tasks = list(dict.fromkeys(c["task"] for c in cells))
+    presses = list(dict.fromkeys(c["press"] for c in press_cells))
+    xs = sorted({_x(c) for c in press_cells})
+    lookup = {(c["task"], c["press"], None if c["press"] == FULL_KV else _x(c)): c for c in cells}
+    return {"tasks": tasks, "presses": presses, "xs": xs, "kind": kinds.pop() if kinds else "budget",
+            "cell": lookup}
+
+
+def _get(grid, task, press, x):
+    return grid["cell"].get((task, press, None if press == FULL_KV else x))
+
+
+def score_table(grid) -> dict:
+    """{task or "average": {press: {x: score}}} (FullKV repeated at every x); the average is over the
+    tasks present for that press and x, only where every task is present."""
+    table: dict[str, dict[str, dict]] = {}
+    for task in grid["tasks"]:
+        table[task] = {}
+        for press in [FULL_KV, *grid["presses"]]:
+            row = {}
+            for x in grid["xs"] or [None]:
+                c = _get(grid, task, press, x)
+                if c is not None:
+                    row[x] = c["score"]
+            if row:
+                table[task][press] = row
+    avg: dict[str, dict] = defaultdict(dict)
+    for press in [FULL_KV, *grid["presses"]]:
+        for x in grid["xs"] or [None]:
+            vals = [table[t].get(press, {}).get(x) for t in grid["tasks"]]
+            if vals and all(v is not None for v in vals):
+                avg[press][x] = float(np.mean(vals))
+    table["average"] = dict(avg)
+    return table
+
+
+def _fmt(v, digits=1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _md(rows: list[list[str]], header: list[str]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _x_label(grid, x) -> str:
+    return "full" if x is None else (f"{int(x)}" if grid["kind"] == "budget" else f"{x:g}")
+
+
+def markdown_report(cells: list[dict]) -> tuple[str, dict]:
+    """The results tables as markdown, and the same numbers as a dict."""
+    grid = _grid(cells)
+    xs = grid["xs"] or [None]
+    head = ["press"] + [f"{grid['kind']} {_x_label(grid, x)}" for x in xs]
+    scores = score_table(grid)
+    mode = {c["mode"] for c in cells}
+    parts = [f"# Evaluation results ({', '.join(sorted(mode))})", ""]
+    for task in [*grid["tasks"], "average"]:
+        rows = [[press] + [_fmt(scores[task].get(press, {}).get(x)) for x in xs]
+                for press in [FULL_KV, *grid["presses"]] if press in scores[task]]
+        if rows:
+            parts += [f"## Score: {task}", "", _md(rows, head), ""]
+    overhead, oracle = {}, {}
+    rows_o, rows_c = [], []
+    for press in grid["presses"]:
+        o_row, c_row = [press], [press]
+        overhead[press], oracle[press] = {}, {}
+        for x in xs:
+            cs = [_get(grid, t, press, x) for t in grid["tasks"]]
+            cs = [c for c in cs if c is not None]
+            ms = [c["timing"].get("overhead_ms") for c in cs if c["timing"].get("overhead_ms") is not None]
+            pct = [c["timing"].get("overhead_pct") for c in cs if c["timing"].get("overhead_pct") is not None]
+            cov = [c["oracle"]["coverage_mean"] for c in cs if c.get("oracle")]
+            overhead[press][x] = float(np.mean(ms)) if ms else None
+            oracle[press][x] = float(np.mean(cov)) if cov else None
+            o_row.append("-" if not ms else f"{np.mean(ms):.2f} ({np.mean(pct):+.0f}%)")
+            c_row.append(_fmt(oracle[press][x], 3))
+        rows_o.append(o_row)
+        rows_c.append(c_row)
+    if rows_o:
+        parts += ["## Eviction overhead: ms per batch above a plain prefill (% of the prefill)", "",
+                  _md(rows_o, head), ""]
+    if any(v is not None for row in oracle.values() for v in row.values()):
+        parts += ["## Oracle coverage: share of the FullKV response's attention mass on kept entries "
+                  "(mean over layers, query heads, samples, tasks)", "", _md(rows_c, head), ""]
+    numbers = {"kind": grid["kind"], "scores": _str_keys(scores), "overhead_ms": _str_keys(overhead),
+               "oracle_coverage": _str_keys(oracle)}
+    return "\n".join(parts), numbers
+
+
+def _str_keys(d):
+    if isinstance(d, dict):
+        return {("full" if k is None else str(k)): _str_keys(v) for k, v in d.items()}
+    return d
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_scores(cells: list[dict], path) -> Path:
+    """Score against budget (ratio): one panel per task and one for the average; FullKV dashed."""
+    plt = _plt()
+    grid = _grid(cells)
+    scores = score_table(grid)
+    panels = [*grid["tasks"], "average"] if len(grid["tasks"]) > 1 else grid["tasks"]
+    n = len(panels)
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, task in zip(axes.flat, panels, strict=False):
+        for press in grid["presses"]:
+            row = scores[task].get(press, {})
+            xs = [x for x in grid["xs"] if x in row]
+            if xs:
+                ax.plot(xs, [row[x] for x in xs], marker="o", label=press)
+        full = scores[task].get(FULL_KV, {})
+        if full:
+            ax.axhline(next(iter(full.values())), color="black", linestyle="--", linewidth=1, label="FullKV")
+        if grid["kind"] == "budget" and len(grid["xs"]) > 1:
+            ax.set_xscale("log", base=2)
+        ax.set_title(task)
+        ax.set_xlabel(grid["kind"])
+        ax.set_ylabel("score")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_overhead(cells: list[dict], path) -> Path:
+    """Eviction overhead (ms per batch above a plain prefill, mean over tasks) per press, per setting."""
+    plt = _plt()
+    grid = _grid(cells)
+    _, numbers = markdown_report(cells)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    n_p, n_x = max(len(grid["presses"]), 1), max(len(grid["xs"]), 1)
+    width = 0.8 / n_x
+    for j, x in enumerate(grid["xs"]):
+        vals = [numbers["overhead_ms"].get(p, {}).get(str(x)) for p in grid["presses"]]
+        ax.bar(np.arange(n_p) + j * width, [0.0 if v is None else v for v in vals], width,
+               label=f"{grid['kind']} {_x_label(grid, x)}")
+    ax.set_xticks(np.arange(n_p) + 0.4 - width / 2, grid["presses"], rotation=20, ha="right")
+    ax.set_ylabel("ms per batch over prefill")
+    ax.set_title("eviction overhead")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_oracle(cells: list[dict], path) -> Path | None:
+    """Oracle coverage against budget per press, and per layer at the smallest setting; None when the
+    run has no oracle numbers."""
+    grid = _grid(cells)
+    if not any(c.get("oracle") for c in cells):
+        return None
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    x0 = grid["xs"][0]
+    for press in grid["presses"]:
+        cs = {x: [c for t in grid["tasks"] if (c := _get(grid, t, press, x)) is not None and c.get("oracle")]
+              for x in grid["xs"]}
+        xs = [x for x in grid["xs"] if cs[x]]
+        if xs:
+            a1.plot(xs, [np.mean([c["oracle"]["coverage_mean"] for c in cs[x]]) for x in xs], marker="o", label=press)
+        if cs.get(x0):
+            per_layer = np.mean([c["oracle"]["coverage_per_layer"] for c in cs[x0]], axis=0)
+            a2.plot(np.arange(len(per_layer)), per_layer, marker=".", label=press)
+    if grid["kind"] == "budget" and len(grid["xs"]) > 1:
+        a1.set_xscale("log", base=2)
+    a1.set_xlabel(grid["kind"])
+    a1.set_ylabel("coverage of response attention")
+    a1.set_ylim(0, 1.02)
+    a1.grid(alpha=0.3)
+    a1.legend(fontsize=8)
+    a2.set_xlabel("layer")
+    a2.set_ylim(0, 1.02)
+    a2.set_title(f"per layer at {grid['kind']} {_x_label(grid, x0)}")
+    a2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_report(out_dir) -> dict[str, Path]:
+    """Write results.md, summary.json and the PNG plots into out_dir; returns their paths."""
+    out_dir = Path(out_dir)
+    cells = load_cells(out_dir)
+    text, numbers = markdown_report(cells)
+    paths = {"table": out_dir / "results.md", "summary": out_dir / "summary.json"}
+    paths["table"].write_text(text)
+    paths["summary"].write_text(json.dumps(numbers, indent=1) + "\n")
+    has_press = any(c["press"] != FULL_KV for c in cells)
+    if has_press:
+        paths["scores_plot"] = plot_scores(cells, out_dir / "scores.png")
+        paths["overhead_plot"] = plot_overhead(cells, out_dir / "overhead.png")
+        oracle = plot_oracle(cells, out_dir / "oracle.png")
+        if oracle is not None:
+            paths["oracle_plot"] = oracle
+    return paths

@@ -1,0 +1,407 @@
+"""The evaluation runner: model x presses x budgets (or ratios) x tasks -> one JSON per cell.
+
+A cell is one (press, budget-or-ratio, task). Its JSON holds every sample's prediction, score and
+generated tokens, the cell score (100 x mean), the eviction overhead measured in the same run (time of
+`compress` minus a plain prefill of the same batch, after a warm-up call so compilation is excluded)
+and the oracle coverage per layer (`lkv_jax.evaluation.oracle`). A cell whose JSON is complete is read
+back, not recomputed, so an interrupted run resumes where it stopped. FullKV (no eviction) is its own
+cell per task; it runs first, because its greedy responses define the oracle labels.
+
+Batches are left-padded to a multiple of `pad_multiple` tokens and filled up to `batch_size` rows
+(repeating a real row, whose output is dropped) so a task compiles a handful of shapes, not one per
+sample. Query-aware mode compresses context + question; question-agnostic mode compresses the context
+alone, appends the question on the compressed cache (a glimpse with append) and then generates.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from lkv_jax.compression import compress
+from lkv_jax.evaluation.oracle import coverage, kept_mask, response_labels, slots_to_positions
+from lkv_jax.evaluation.tasks import EvalSample, EvalTask
+from lkv_jax.inference import DEFAULT_CHUNK, glimpse, prefill, prepare_prompt
+from lkv_jax.lookahead.labels import pad_left, pad_right
+
+FULL_KV = "fullkv"
+MODES = ("query-aware", "question-agnostic")
+
+
+# ----------------------------------------------------------------------------------------------
+# what to run
+
+
+@dataclasses.dataclass(frozen=True)
+class PressSpec:
+    """A registered press name plus keyword overrides; `label` names it in files, tables and plots.
+
+    Written "name" or "name:key=value:key=value", e.g. "snapkv:window_size=8" (values are Python
+    literals: numbers, True/False/None, quoted strings; anything else is taken as a string)."""
+
+    name: str
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    label: str = ""
+
+    @staticmethod
+    def parse(text: str) -> PressSpec:
+        parts = [p.strip() for p in text.strip().split(":")]
+        if not parts[0]:
+            raise ValueError(f"empty press name in {text!r}")
+        kwargs = []
+        for p in parts[1:]:
+            if "=" not in p:
+                raise ValueError(f"press option {p!r} in {text!r} must read key=value")
+            k, v = p.split("=", 1)
+            try:
+                value = ast.literal_eval(v)
+            except (ValueError, SyntaxError):
+                value = v
+            kwargs.append((k.strip(), value))
+        return PressSpec(parts[0].lower(), tuple(kwargs), text.strip())
+
+    def build(self, setting: Setting, adapter=None):
+        """The press at one budget or ratio (LookaheadKV gets the adapter)."""
+        from lkv_jax.presses.registry import make_press
+
+        kw = dict(self.kwargs)
+        if self.name.replace("_", "").replace("-", "") == "lookaheadkv":
+            if adapter is None:
+                raise ValueError("the lookaheadkv press needs an adapter (--adapter FILE)")
+            kw["adapter"] = adapter
+        try:
+            return make_press(self.name, **setting.press_kwargs(), **kw)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"press {self.label or self.name} at {setting.label}: {e}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """A budget (entries kept per layer and KV head) or a compression ratio (fraction removed)."""
+
+    kind: str  # "budget" | "ratio"
+    value: float
+
+    @property
+    def label(self) -> str:
+        return f"budget={int(self.value)}" if self.kind == "budget" else f"ratio={self.value:g}"
+
+    def press_kwargs(self) -> dict:
+        return {"budget": int(self.value)} if self.kind == "budget" else {"compression_ratio": float(self.value)}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """presses: what to compare with FullKV; budgets or ratios: the settings (one kind per run);
+    mode: "query-aware" (question in the compressed prompt, the paper's setting) or
+    "question-agnostic" (kvpress's default); oracle: coverage diagnostics (needs FullKV responses);
+    measure_overhead: time compress against a plain prefill of the same batch."""
+
+    presses: tuple[PressSpec, ...]
+    budgets: tuple[int, ...] = ()
+    ratios: tuple[float, ...] = ()
+    mode: str = "query-aware"
+    batch_size: int = 4
+    chunk_size: int = DEFAULT_CHUNK
+    pad_multiple: int = 64
+    oracle: bool = True
+    measure_overhead: bool = True
+
+    def __post_init__(self):
+        if bool(self.budgets) == bool(self.ratios):
+            raise ValueError("give budgets or ratios (exactly one of the two)")
+        if any(int(b) < 1 for b in self.budgets):
+            raise ValueError(f"budgets must be positive, got {self.budgets}")
+        if any(not 0.0 <= r < 1.0 for r in self.ratios):
+            raise ValueError(f"ratios must lie in [0, 1), got {self.ratios}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.batch_size < 1 or self.pad_multiple < 1:
+            raise ValueError("batch_size and pad_multiple must be >= 1")
+        labels = [p.label or p.name for p in self.presses]
+        if len(set(labels)) != len(labels) or FULL_KV in labels:
+            raise ValueError(f"press labels must be distinct and not {FULL_KV!r}: {labels}")
+
+    @property
+    def settings(self) -> tuple[Setting, ...]:
+        if self.budgets:
+            return tuple(Setting("budget", int(b)) for b in self.budgets)
+        return tuple(Setting("ratio", float(r)) for r in self.ratios)
+
+
+# ----------------------------------------------------------------------------------------------
+# files
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", name)
+
+
+def cell_path(out_dir, press_label: str, setting_label: str, task_name: str) -> Path:
+    """out_dir/cells/<press>/<setting>/<task>.json (FullKV: setting "full")."""
+    return Path(out_dir) / "cells" / _safe(press_label) / _safe(setting_label) / f"{_safe(task_name)}.json"
+
+
+def _read_complete(path: Path, n_samples: int, mode: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        cell = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    ok = cell.get("complete") and cell.get("n_samples") == n_samples and cell.get("mode") == mode
+    return cell if ok else None
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)  # atomic: a cell file is complete or absent
+
+
+# ----------------------------------------------------------------------------------------------
+# one batch
+
+
+def _batches(samples: tuple[EvalSample, ...], batch_size: int, agnostic: bool) -> list[list[EvalSample]]:
+    """Sorted by length (less padding); question-agnostic batches share one question length (the
+    question is appended as one [B, Q] block)."""
+    order = sorted(samples, key=lambda s: (len(s.question_ids) if agnostic else 0, len(s.prompt_ids), s.id))
+    out: list[list[EvalSample]] = []
+    for s in order:
+        if out and len(out[-1]) < batch_size and (not agnostic or len(out[-1][0].question_ids) == len(s.question_ids)):
+            out[-1].append(s)
+        else:
+            out.append([s])
+    return out
+
+
+def _padded(rows: list[np.ndarray], batch_size: int, multiple: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token rows to a multiple of `multiple` and repeat row 0 up to batch_size rows."""
+    rows = rows + [rows[0]] * (batch_size - len(rows))
+    return pad_left(rows, _bucket(max(len(r) for r in rows), multiple))
+
+
+def _bucket(n: int, multiple: int) -> int:
+    return int(math.ceil(n / multiple) * multiple)
+
+
+def _trim(tokens: np.ndarray, eos: tuple[int, ...], keep_eos: bool) -> list[int]:
+    out = []
+    for t in tokens.tolist():
+        if t in eos:
+            if keep_eos:
+                out.append(int(t))
+            break
+        out.append(int(t))
+    return out
+
+
+def _block(tree) -> None:
+    jax.block_until_ready(tree)
+
+
+class _Timer:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def ms(self) -> float:
+        return 1000.0 * (time.perf_counter() - self.start)
+
+
+def _run_batch(model, batch: list[EvalSample], task: EvalTask, press, cfg: EvalConfig, eos: tuple[int, ...],
+               pad_id: int, warm_up: bool, responses: dict[str, list[int]] | None) -> tuple[list[dict], dict]:
+    """Compress (or fully prefill), append the question if agnostic, generate, score, and measure.
+
+    Returns per-sample records and the batch's timings {compress_ms, prefill_ms} (ms for the whole
+    padded batch)."""
+    from lkv_jax.generation import _greedy_loop  # the jitted greedy loop generate() runs, from any cache
+
+    agnostic = cfg.mode == "question-agnostic"
+    B, n_real = cfg.batch_size, len(batch)
+    rows = [s.context_ids if agnostic else s.prompt_ids for s in batch]
+    ids, mask = _padded(rows, B, cfg.pad_multiple)
+    Q = len(batch[0].question_ids) if agnostic else 0
+    room = Q + task.max_new_tokens
+    timing: dict[str, float] = {}
+
+    def run_prefill(extra):
+        out = prefill(model, ids, mask, chunk_size=cfg.chunk_size, extra_capacity=extra)
+        _block(out)
+        return out
+
+    def run_compress():
+        out = compress(model, ids, press, attention_mask=mask, chunk_size=cfg.chunk_size)
+        _block(out)
+        return out
+
+    kept_positions = None
+    if press is None:
+        if warm_up:
+            run_prefill(room)
+        t = _Timer()
+        cache, logits = run_prefill(room)
+        timing["prefill_ms"] = t.ms()
+    else:
+        if warm_up:
+            run_compress()
+            if cfg.measure_overhead:
+                run_prefill(0)
+        t = _Timer()
+        out = run_compress()
+        timing["compress_ms"] = t.ms()
+        if cfg.measure_overhead:
+            t = _Timer()
+            run_prefill(0)
+            timing["prefill_ms"] = t.ms()
+        cache, logits = out.cache.grow(room), out.logits
+        kept_positions = [np.asarray(k) for k in out.kept_positions]
+    if agnostic and Q:
+        q_rows = [s.question_ids for s in batch] + [batch[0].question_ids] * (B - n_real)
+        g = glimpse(model, cache, np.asarray(q_rows, np.int32), append=True)
+        cache, logits = g.cache, g.logits[:, -1]
+    graphdef, params = nnx.split(model)
+    tokens, n = _greedy_loop(graphdef, params, cache, logits, max_new_tokens=task.max_new_tokens, eos=eos,
+                             pad=pad_id)
+    tokens = np.asarray(tokens)[:, : int(n)]
+
+    records = []
+    for i, s in enumerate(batch):
+        generated = _trim(tokens[i], eos, keep_eos=True)
+        prediction = task.decode(_trim(tokens[i], eos, keep_eos=False))
+        records.append({"id": s.id, "prediction": prediction, "answers": list(s.answers),
+                        "score": float(task.score(prediction, s)), "n_prompt": len(s.prompt_ids),
+                        "n_context": len(s.context_ids), "n_question": len(s.question_ids),
+                        "generated_ids": generated})
+    if press is not None and responses is not None:
+        _add_oracle(model, batch, records, kept_positions, responses, cfg, agnostic)
+    return records, timing
+
+
+def _add_oracle(model, batch, records, kept_positions, responses, cfg: EvalConfig, agnostic: bool) -> None:
+    """Per-layer coverage of the FullKV response's attention by each sample's kept positions."""
+    B = cfg.batch_size
+    ids, mask = _padded([s.prompt_ids for s in batch], B, cfg.pad_multiple)
+    prompt = prepare_prompt(ids, mask, cfg.chunk_size, model.config.vocab_size)
+    resp = [responses[s.id] for s in batch]
+    resp = resp + [resp[0]] * (B - len(resp))
+    r_len = max(len(r) for r in resp)
+    r_ids, r_mask = pad_right(resp, int(math.ceil(r_len / 16) * 16))  # few response shapes, few compilations
+    labels = slots_to_positions(response_labels(model, prompt, r_ids, r_mask), np.asarray(prompt.valid))
+    for i, s in enumerate(batch):
+        n_ctx, n_all = len(s.context_ids), len(s.prompt_ids)
+        n_compressed = n_ctx if agnostic else n_all
+        kept = []
+        for layer_kept in kept_positions:
+            m = np.zeros((layer_kept.shape[1], n_all), bool)
+            m[:, :n_compressed] = kept_mask(layer_kept[i], n_compressed)
+            kept.append(m)
+        always = np.arange(n_all) >= n_compressed
+        records[i]["oracle_coverage"] = coverage(labels[i], kept, always).tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# a cell, and the whole grid
+
+
+def _summary(records: list[dict], timings: list[dict]) -> dict:
+    out: dict[str, Any] = {"score": 100.0 * float(np.mean([r["score"] for r in records]))}
+    tm: dict[str, Any] = {"n_batches": len(timings)}
+    for key in ("compress_ms", "prefill_ms"):
+        vals = [t[key] for t in timings if key in t]
+        tm[key] = float(np.mean(vals)) if vals else None
+    if tm["compress_ms"] is not None and tm["prefill_ms"] is not None:
+        tm["overhead_ms"] = tm["compress_ms"] - tm["prefill_ms"]
+        tm["overhead_pct"] = 100.0 * tm["overhead_ms"] / tm["prefill_ms"]
+    out["timing"] = tm
+    cov = [r["oracle_coverage"] for r in records if "oracle_coverage" in r]
+    if cov:
+        per_layer = np.mean(np.asarray(cov), axis=0)
+        out["oracle"] = {"coverage_per_layer": per_layer.tolist(), "coverage_mean": float(per_layer.mean())}
+    return out
+
+
+def run_cell(model, task: EvalTask, press_spec: PressSpec | None, setting: Setting | None, cfg: EvalConfig,
+             out_dir, *, adapter=None, responses: dict[str, list[int]] | None = None, progress=None) -> dict:
+    """Run (or read back) one cell; press_spec None is FullKV. Returns the cell dict (as written)."""
+    label = FULL_KV if press_spec is None else (press_spec.label or press_spec.name)
+    setting_label = "full" if press_spec is None else setting.label
+    path = cell_path(out_dir, label, setting_label, task.name)
+    done = _read_complete(path, len(task.samples), cfg.mode)
+    if done is not None:
+        if progress is not None:
+            progress.update(len(task.samples))
+        return done
+    press = None if press_spec is None else press_spec.build(setting, adapter)
+    cfg_model = model.config
+    eos = task.eos_token_ids if task.eos_token_ids is not None else tuple(cfg_model.eos_token_id or ())
+    eos = tuple(int(e) for e in eos)
+    pad_id = cfg_model.pad_token_id if cfg_model.pad_token_id is not None else (eos[0] if eos else 0)
+    records, timings, seen = [], [], set()
+    agnostic = cfg.mode == "question-agnostic"
+    for batch in _batches(task.samples, cfg.batch_size, agnostic):
+        if progress is not None:
+            progress.set_postfix_str(f"{task.name} {label} {setting_label}", refresh=False)
+        # a new padded shape compiles: run it once untimed first so timings measure execution only
+        shape = (_bucket(max(len(s.context_ids if agnostic else s.prompt_ids) for s in batch), cfg.pad_multiple),
+                 len(batch[0].question_ids) if agnostic else 0)
+        recs, tm = _run_batch(model, batch, task, press, cfg, eos, int(pad_id), warm_up=shape not in seen,
+                              responses=responses if cfg.oracle else None)
+        seen.add(shape)
+        records.extend(recs)
+        timings.append(tm)
+        if progress is not None:
+            progress.update(len(batch))
+    order = {s.id: i for i, s in enumerate(task.samples)}
+    records.sort(key=lambda r: order[r["id"]])
+    cell = {"complete": True, "press": label, "press_name": None if press_spec is None else press_spec.name,
+            "press_kwargs": {} if press_spec is None else dict(press_spec.kwargs), "setting": setting_label,
+            "budget": None if setting is None or setting.kind != "budget" else int(setting.value),
+            "ratio": None if setting is None or setting.kind != "ratio" else float(setting.value),
+            "task": task.name, "mode": cfg.mode, "n_samples": len(records), "batch_size": cfg.batch_size,
+            **_summary(records, timings), "samples": records}
+    _write_json(path, cell)
+    return cell
+
+
+def run_eval(model, tasks: list[EvalTask], cfg: EvalConfig, out_dir, *, adapter=None, progress: bool = True,
+             ) -> list[dict]:
+    """Every cell of the grid (FullKV, then each press x setting, per task), resumable; returns the
+    cell dicts. Write the table and plots afterwards with `lkv_jax.evaluation.report.write_report`."""
+    from tqdm.auto import tqdm
+
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must be distinct: {names}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    total = sum(len(t.samples) for t in tasks) * (1 + len(cfg.presses) * len(cfg.settings))
+    bar = tqdm(total=total, desc="lkv eval", unit="sample", disable=not progress)
+    cells = []
+    try:
+        for task in tasks:
+            full = run_cell(model, task, None, None, cfg, out_dir, progress=bar)
+            cells.append(full)
+            responses = {r["id"]: r["generated_ids"] for r in full["samples"]} if cfg.oracle else None
+            for spec in cfg.presses:
+                for setting in cfg.settings:
+                    cells.append(run_cell(model, task, spec, setting, cfg, out_dir, adapter=adapter,
+                                          responses=responses, progress=bar))
+    finally:
+        bar.close()
+    _write_json(out_dir / "run.json", {"tasks": names, "presses": [p.label or p.name for p in cfg.presses],
+                                       "settings": [s.label for s in cfg.settings], "mode": cfg.mode,
+                                       "batch_size": cfg.batch_size})
+    return cells

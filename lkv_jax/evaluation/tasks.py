@@ -1,0 +1,151 @@
+"""What the evaluation runner evaluates: tokenised samples with their scoring rule.
+
+The runner is tokeniser-agnostic: a task carries token ids (a context segment and a question segment),
+a `decode` back to text and a `score(prediction, sample) -> [0, 1]`. Query-aware evaluation prefills
+and compresses context + question; question-agnostic evaluation compresses the context alone and
+appends the question on the compressed cache. Builders here turn LongBench records (any Hugging Face
+tokenizer) and the synthetic RULER-style tasks (built-in vocabulary) into tasks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSample:
+    """One prompt: context_ids int [Tc], question_ids int [Tq] (may be empty), reference answers, and
+    anything the metric needs (`extra`, e.g. LongBench's all_classes)."""
+
+    id: str
+    context_ids: np.ndarray
+    question_ids: np.ndarray
+    answers: tuple[str, ...]
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def prompt_ids(self) -> np.ndarray:
+        """The query-aware prompt: int [Tc + Tq]."""
+        return np.concatenate([self.context_ids, self.question_ids]).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalTask:
+    """A named list of samples, how many tokens to generate, how to read and score the output.
+
+    score(prediction_text, sample) -> float in [0, 1]; decode(token ids) -> text (special tokens
+    dropped); eos_token_ids None means the model config's EOS ids.
+    """
+
+    name: str
+    samples: tuple[EvalSample, ...]
+    max_new_tokens: int
+    score: Callable[[str, EvalSample], float]
+    decode: Callable[[Sequence[int]], str]
+    eos_token_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if not self.samples:
+            raise ValueError(f"task {self.name!r} has no samples")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"task {self.name!r}: max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        ids = [s.id for s in self.samples]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"task {self.name!r}: sample ids must be unique")
+        for s in self.samples:
+            if len(s.context_ids) == 0:
+                raise ValueError(f"task {self.name!r}, sample {s.id}: empty context")
+
+
+# ----------------------------------------------------------------------------------------------
+# LongBench
+
+
+def longbench_task(task: str, tokenizer, *, data_dir=None, from_hub: bool = False, max_length: int = 31500,
+                   chat_template: bool = False, limit: int | None = None,
+                   max_new_tokens: int | None = None) -> EvalTask:
+    """A LongBench task with a Hugging Face tokenizer: official template, middle truncation to
+    max_length prompt tokens (31500 is the official setting for 32K models), official metric and
+    generation length (or `max_new_tokens`). samsum also stops at a newline, as the official code."""
+    from lkv_jax.data.longbench import DATASET2MAXLEN, build_prompt, load_longbench
+    from lkv_jax.data.longbench_metrics import score_sample
+
+    records = load_longbench(task, data_dir, limit=limit, from_hub=from_hub)
+    samples = []
+    for i, r in enumerate(records):
+        p = build_prompt(tokenizer, task, r, max_length, chat_template=chat_template)
+        samples.append(EvalSample(id=str(r.get("_id", i)), context_ids=p.context_ids, question_ids=p.question_ids,
+                                  answers=tuple(r["answers"]), extra={"all_classes": r.get("all_classes")}))
+
+    def score(prediction: str, sample: EvalSample) -> float:
+        return score_sample(task, prediction, sample.answers, sample.extra.get("all_classes"))
+
+    eos = None
+    if task == "samsum":
+        ids = tokenizer("\n", add_special_tokens=False)["input_ids"]
+        eos_id = getattr(tokenizer, "eos_token_id", None)
+        eos = tuple(int(e) for e in ([eos_id] if eos_id is not None else []) + ids[-1:])
+    return EvalTask(name=f"longbench/{task}", samples=tuple(samples),
+                    max_new_tokens=int(max_new_tokens or DATASET2MAXLEN[task]), score=score,
+                    decode=lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True), eos_token_ids=eos)
+
+
+# ----------------------------------------------------------------------------------------------
+# synthetic RULER-style tasks (built-in vocabulary)
+
+
+def synthetic_task(task: str, *, n_samples: int, length: int, seed: int = 0, vocab=None) -> EvalTask:
+    """A synthetic task (`lkv_jax.data.synthetic`) tokenised with the built-in vocabulary; the question
+    is its own segment so the same samples serve both query-aware and question-agnostic runs."""
+    from lkv_jax.data import synthetic
+    from lkv_jax.data.vocab import builtin_vocab
+
+    vocab = builtin_vocab() if vocab is None else vocab
+    raw = synthetic.generate_samples(task, n_samples, length, seed=seed)
+    samples, budget = [], 1
+    for i, s in enumerate(raw):
+        enc = synthetic.encode_builtin(s, vocab, query_aware=False)
+        samples.append(EvalSample(id=f"{task}-{length}-{seed}-{i}", context_ids=enc.prompt, question_ids=enc.question,
+                                  answers=tuple(s.references), extra={"metric": s.metric, "target": s.target}))
+        budget = max(budget, s.max_new_tokens)
+    score = _synthetic_scorer()
+    return EvalTask(name=f"{task}-{length}", samples=tuple(samples), max_new_tokens=budget, score=score,
+                    decode=lambda ids: vocab.decode(ids), eos_token_ids=(vocab.eos_id,))
+
+
+def _synthetic_scorer() -> Callable[[str, EvalSample], float]:
+    """RULER's string match: `string_match_all` = fraction of references found in the prediction,
+    `string_match_part` = 1 if any is found. Uses `lkv_jax.data.metrics` when it provides them."""
+    try:
+        from lkv_jax.data import metrics as m
+    except ImportError:
+        m = None
+
+    def score(prediction: str, sample: EvalSample) -> float:
+        kind = sample.extra.get("metric", "string_match_all")
+        fn = getattr(m, kind, None) if m is not None else None
+        if fn is not None:
+            return float(fn(prediction, list(sample.answers)))
+        found = [r.lower() in prediction.lower() for r in sample.answers]
+        if kind == "string_match_part":
+            return float(any(found))
+        return sum(found) / len(found)
+
+    return score
+
+
+def tokenizer_for(model_dir) -> Any:
+    """The Hugging Face tokenizer saved beside a model (loaded offline)."""
+    from pathlib import Path
+
+    model_dir = Path(model_dir)
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"no tokenizer loadable from {model_dir} ({e}); pass --tokenizer DIR") from e
