@@ -25,12 +25,14 @@ def _ungroup(o: jax.Array) -> jax.Array:
     return o.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, H)
 
 
-def blockwise_causal_attention(q, keys, values, key_valid, q_start, block: int):
+def blockwise_causal_attention(q, keys, values, key_valid, q_start, block: int, *, return_stats: bool = False):
     """Causal attention of a query chunk over the filled part of a cache, one key block at a time.
 
     q [B, T, N, H] sits at cache slots [q_start, q_start + T); keys/values [B, K, S, H];
     key_valid bool [B, S]. Visits key blocks 0 .. (q_start + T - 1) // block with an online softmax
-    (float32 statistics), so memory is O(T * block), never O(T * S). Returns [B, T, N, H].
+    (float32 statistics), so memory is O(T * block), never O(T * S). Returns [B, T, N, H], and with
+    return_stats also the final softmax statistics (row max m, normaliser l), float32 [B, K, G, T]
+    each, for `blockwise_attention_mass`.
     """
     B, T, N, H = q.shape
     K = keys.shape[1]
@@ -59,7 +61,41 @@ def blockwise_causal_attention(q, keys, values, key_valid, q_start, block: int):
             jnp.zeros((B, K, G, T, H), jnp.float32))
     m, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
     out = acc / jnp.maximum(l, 1e-30)[..., None]
+    if return_stats:
+        return _ungroup(out).astype(q.dtype), (m, l)
     return _ungroup(out).astype(q.dtype)
+
+
+def blockwise_attention_mass(q, keys, key_valid, q_start, block: int, stats, q_weight):
+    """Attention mass each cache slot receives from a query chunk (the H2O / observed-attention rule).
+
+    A second pass over the key blocks of `blockwise_causal_attention`, reusing its final softmax
+    statistics `stats` = (m, l), so the probabilities are exact and memory stays O(T * block).
+    q [B, T, N, H] at slots [q_start, q_start + T); keys [B, K, S, H]; key_valid bool [B, S];
+    q_weight float32 [B, T] (0 for padding queries). Returns float32 [B, N, S]: sum over the chunk's
+    queries of weight * probability (slots the chunk cannot see get 0).
+    """
+    B, T, N, H = q.shape
+    K, S = keys.shape[1], keys.shape[2]
+    m, l = stats
+    qg = _group(q, K) * jnp.asarray(H ** -0.5, q.dtype)
+    q_slots = q_start + jnp.arange(T)
+    n_blocks = (q_start + T - 1) // block + 1
+    # fold the query weights into 1 / l so one einsum gives the weighted sum over queries
+    inv_l = q_weight[:, None, None, :] / jnp.maximum(l, 1e-30)
+
+    def body(j, mass):
+        kb = jax.lax.dynamic_slice_in_dim(keys, j * block, block, axis=2)
+        ok = jax.lax.dynamic_slice_in_dim(key_valid, j * block, block, axis=1)
+        k_slots = j * block + jnp.arange(block)
+        mask = ok[:, None, None, None, :] & (k_slots[None, :] <= q_slots[:, None])
+        s = jnp.einsum("bkgth,bksh->bkgts", qg, kb, preferred_element_type=jnp.float32)
+        p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
+        part = jnp.einsum("bkgts,bkgt->bkgs", p, inv_l)
+        return jax.lax.dynamic_update_slice_in_dim(mass, part, j * block, axis=3)
+
+    mass = jax.lax.fori_loop(0, n_blocks, body, jnp.zeros((B, K, N // K, S), jnp.float32))
+    return mass.reshape(B, N, S)
 
 
 def attention_with_probs(q, keys, values, mask, extra=None):

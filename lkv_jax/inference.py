@@ -42,7 +42,8 @@ class Prompt:
     chunk: int
 
 
-def prepare_prompt(input_ids, attention_mask=None, chunk_size: int = DEFAULT_CHUNK, vocab_size: int | None = None) -> Prompt:
+def prepare_prompt(input_ids, attention_mask=None, chunk_size: int = DEFAULT_CHUNK,
+                   vocab_size: int | None = None) -> Prompt:
     """Validate a prompt batch and left-pad it to a whole number of prefill chunks.
 
     input_ids int [B, T] (or [T]); attention_mask 0/1 [B, T], padding on the left. Real tokens get
@@ -80,12 +81,50 @@ def prepare_prompt(input_ids, attention_mask=None, chunk_size: int = DEFAULT_CHU
 # pure functions (model = nnx.merge(graphdef, params) inside jit)
 
 
+@dataclasses.dataclass(frozen=True)
+class PrefillChunk:
+    """What a `PrefillObserver` sees of one layer and one prefill chunk (traced values).
+
+    x: [B, C, D] the layer's input; q [B, C, N, H] (RoPE applied), k/v [B, C, K, H]; positions int
+    [B, C] and valid bool [B, C] of the chunk's tokens; keys [B, K, S, H] the layer's cache keys with
+    this chunk written; key_valid bool [B, S]; q_start: the chunk's first slot; block: the chunk size;
+    stats: the chunk's final softmax statistics (m, l), float32 [B, K, G, C] each.
+    """
+
+    x: jax.Array
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    positions: jax.Array
+    valid: jax.Array
+    keys: jax.Array
+    key_valid: jax.Array
+    q_start: jax.Array
+    block: int
+    stats: tuple[jax.Array, jax.Array]
+
+
+class PrefillObserver:
+    """Accumulates per-layer statistics while `prefill_pure` runs (observed attention, query moments).
+
+    `init(model, batch, capacity)` returns the initial state of one layer (a pytree); `update(layer,
+    state, chunk)` returns the state after a `PrefillChunk`. Both run under `jit`.
+    """
+
+    def init(self, model: Transformer, batch: int, capacity: int) -> Any:
+        raise NotImplementedError
+
+    def update(self, layer: int, state: Any, chunk: PrefillChunk) -> Any:
+        raise NotImplementedError
+
+
 def prefill_pure(model: Transformer, prompt_ids, valid, positions, *, chunk: int, capacity: int,
-                 all_logits: bool = False):
+                 all_logits: bool = False, observe: PrefillObserver | None = None):
     """Fill an empty cache of `capacity` slots with a left-padded prompt, `chunk` tokens at a time.
 
     prompt_ids/valid/positions [B, T] with T a multiple of chunk. Returns (cache, logits) with logits
-    float32 [B, T, V] if all_logits else [B, V] for the last token.
+    float32 [B, T, V] if all_logits else [B, V] for the last token. With an `observe` observer
+    (default off) it returns (cache, logits, states): the observer's final state per layer.
     """
     cfg = model.config
     B, T = prompt_ids.shape
@@ -93,24 +132,33 @@ def prefill_pure(model: Transformer, prompt_ids, valid, positions, *, chunk: int
     cache = KVCache.empty(cfg.num_hidden_layers, B, cfg.num_key_value_heads, capacity, cfg.head_dim, model.dtype)
     key_valid = jnp.zeros((B, capacity), bool).at[:, :T].set(valid)
     inv_freq = model.inv_freq
+    observed = () if observe is None else tuple(observe.init(model, B, capacity) for _ in model.layers)
 
     def step(carry, xs):
-        keys, values = carry
-        i, ids_c, pos_c = xs
+        keys, values, obs = carry
+        i, ids_c, pos_c, valid_c = xs
         x = model.embed_tokens(ids_c)
-        keys, values = list(keys), list(values)
+        keys, values, obs = list(keys), list(values), list(obs)
         for l, layer in enumerate(model.layers):
             q, k, v = layer.qkv(x, pos_c, inv_freq)
-            keys[l] = jax.lax.dynamic_update_slice_in_dim(keys[l], jnp.swapaxes(k, 1, 2).astype(keys[l].dtype), i * chunk, 2)
-            values[l] = jax.lax.dynamic_update_slice_in_dim(values[l], jnp.swapaxes(v, 1, 2).astype(values[l].dtype), i * chunk, 2)
-            attn = blockwise_causal_attention(q, keys[l], values[l], key_valid, i * chunk, chunk)
+            put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
+                buf, jnp.swapaxes(new, 1, 2).astype(buf.dtype), i * chunk, 2)
+            keys[l], values[l] = put(keys[l], k), put(values[l], v)
+            if observe is None:
+                attn = blockwise_causal_attention(q, keys[l], values[l], key_valid, i * chunk, chunk)
+            else:
+                attn, stats = blockwise_causal_attention(q, keys[l], values[l], key_valid, i * chunk, chunk,
+                                                         return_stats=True)
+                obs[l] = observe.update(l, obs[l], PrefillChunk(x, q, k, v, pos_c, valid_c, keys[l], key_valid,
+                                                                i * chunk, chunk, stats))
             x = layer.finish(x, attn)
         out = model.logits(x) if all_logits else model.logits(x[:, -1:])[:, 0]
-        return (tuple(keys), tuple(values)), out
+        return (tuple(keys), tuple(values), tuple(obs)), out
 
     split = lambda a: a.reshape(B, n_chunks, chunk).swapaxes(0, 1)
-    (keys, values), logits = jax.lax.scan(
-        step, (cache.keys, cache.values), (jnp.arange(n_chunks), split(prompt_ids), split(positions)))
+    (keys, values, observed), logits = jax.lax.scan(
+        step, (cache.keys, cache.values, observed),
+        (jnp.arange(n_chunks), split(prompt_ids), split(positions), split(valid)))
     if all_logits:
         logits = logits.swapaxes(0, 1).reshape(B, T, -1)
     else:
@@ -121,6 +169,8 @@ def prefill_pure(model: Transformer, prompt_ids, valid, positions, *, chunk: int
     cache = KVCache(keys=keys, values=values, positions=(pos,) * len(keys), valid=(val,) * len(keys),
                     cursor=jnp.full((len(keys),), T, jnp.int32),
                     next_position=positions[:, -1] + 1)
+    if observe is not None:
+        return cache, logits, observed
     return cache, logits
 
 

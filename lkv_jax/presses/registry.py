@@ -5,14 +5,52 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from lkv_jax.presses.adakv import AdaKVPress
 from lkv_jax.presses.base import BasePress
+from lkv_jax.presses.expected_attention import ExpectedAttentionPress
+from lkv_jax.presses.knorm import KnormPress
+from lkv_jax.presses.laq import LAQPress
 from lkv_jax.presses.lookahead_kv import LookaheadKVPress
+from lkv_jax.presses.observed_attention import ObservedAttentionPress
+from lkv_jax.presses.pyramidkv import PyramidKVPress
+from lkv_jax.presses.random_press import RandomPress
+from lkv_jax.presses.snapkv import SnapKVPress
+from lkv_jax.presses.speckv import SpecKVPress
 from lkv_jax.presses.streaming_llm import StreamingLLMPress
+from lkv_jax.presses.tova import TOVAPress
+
+
+def _adaptive(inner: Callable[..., BasePress]) -> Callable[..., BasePress]:
+    """AdaKV head-wise budgets around a scoring press: alpha_safeguard= goes to AdaKV, the rest inside."""
+
+    def build(*, alpha_safeguard: float = 0.2, **kwargs: Any) -> BasePress:
+        return AdaKVPress(inner(**kwargs), alpha_safeguard=alpha_safeguard)
+
+    return build
+
+
+# scoring presses AdaKV can wrap, by name
+_SCORERS: dict[str, Callable[..., BasePress]] = {
+    "snapkv": SnapKVPress,
+    "snapkv-paper": SnapKVPress.paper,  # window 32, kernel 7, max-pool (the LookaheadKV paper's baseline)
+    "pyramidkv": PyramidKVPress,
+    "pyramidkv-paper": PyramidKVPress.paper,
+    "streamingllm": StreamingLLMPress,
+    "tova": TOVAPress,
+    "knorm": KnormPress,
+    "observed-attention": ObservedAttentionPress,
+    "h2o": ObservedAttentionPress,
+    "random": RandomPress,
+    "expected-attention": ExpectedAttentionPress,
+    "laq": LAQPress,
+}
 
 # name -> constructor taking compression_ratio= / budget= and press-specific keywords
 PRESSES: dict[str, Callable[..., BasePress]] = {
-    "streamingllm": StreamingLLMPress,
+    **_SCORERS,
+    "speckv": SpecKVPress,  # needs draft_model=
     "lookaheadkv": LookaheadKVPress,  # needs adapter=
+    **{f"adakv-{name}": _adaptive(ctor) for name, ctor in _SCORERS.items()},
 }
 
 

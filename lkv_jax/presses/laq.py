@@ -1,0 +1,86 @@
+"""LAQ, Lookahead Q-Cache (Wang et al., "Lookahead Q-Cache: Achieving More Consistent KV Cache Eviction
+via Pseudo Query", 2025): pseudo response queries from the target itself replace the observation window.
+
+`LAQPress(n_pseudo_tokens=8, window_size=32, kernel_size=7, pooling="max")`:
+1. SnapKV-compress the prompt (the same window, kernel and pooling, the same budget);
+2. greedily generate `n_pseudo_tokens` tokens with the target on that compressed cache (the first one
+   from the prompt's own logits, so n - 1 decoding steps);
+3. glimpse those tokens over the FULL prompt cache (not appended) and score every prompt key with the
+   mean of their attention probabilities, pooled and averaged over the GQA group as SnapKV does;
+4. re-select from the full cache. The prompt's last `window_size` tokens stay protected (our choice:
+   the paper's LAQ uses the pseudo queries as the observation window; LAQ++ adds the local window).
+Everything is one pure function of the model, so the press jits like SnapKV.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from lkv_jax.inference import glimpse_pure
+from lkv_jax.presses.base import Scored, register_press
+from lkv_jax.presses.snapkv import SnapKVPress
+from lkv_jax.presses.window import pool_scores, reduce_group
+from lkv_jax.selection import compact_cache, select_slots
+
+
+def greedy_pseudo_tokens(model, cache, first_logits, n_tokens: int):
+    """Greedy tokens from a cache with room for n_tokens - 1 more entries: int32 [B, n_tokens], the
+    first one being argmax(first_logits)."""
+    tok = jnp.argmax(first_logits, -1).astype(jnp.int32)
+    out = [tok]
+    for _ in range(n_tokens - 1):
+        g = glimpse_pure(model, cache, model.embed_tokens(tok[:, None]), scores=False, append=True)
+        cache = g.cache
+        tok = jnp.argmax(g.logits[:, 0], -1).astype(jnp.int32)
+        out.append(tok)
+    return jnp.stack(out, axis=1)
+
+
+@register_press
+@dataclasses.dataclass(frozen=True)
+class LAQPress(SnapKVPress):
+    window_size: int = 32
+    kernel_size: int = 7
+    pooling: str = "max"
+    n_pseudo_tokens: int = 8
+
+    def __post_init__(self):
+        if self.n_pseudo_tokens < 1:
+            raise ValueError(f"n_pseudo_tokens must be >= 1, got {self.n_pseudo_tokens}")
+        super().__post_init__()
+
+    def first_stage_counts(self, valid):
+        """Entries per row kept by the SnapKV stage (traced int32 [B]) and the static capacity."""
+        T = valid.shape[1]
+        n = valid.sum(1)
+        if self.budget is not None:
+            return jnp.minimum(self.budget, n).astype(jnp.int32), min(int(self.budget), T)
+        capacity = max(int(T * (1.0 - self.compression_ratio)), 1)
+        return jnp.floor(n * (1.0 - self.compression_ratio)).astype(jnp.int32), capacity
+
+    def pseudo_tokens(self, model, prompt_ids, valid, positions, chunk):
+        """(full prompt cache, last-token logits, SnapKV scores, window mask, pseudo tokens int32 [B, n])."""
+        T = prompt_ids.shape[1]
+        cache, logits, snap_scores, protected = self.window_scores(model, prompt_ids, valid, positions, chunk)
+        counts, capacity = self.first_stage_counts(valid)
+        slots, kept = [], []
+        for l in range(cache.n_layers):
+            selectable = cache.valid[l] & (jnp.arange(T) < T)
+            s, k = select_slots(snap_scores[l], selectable, protected[l] & selectable, capacity, counts)
+            slots.append(s)
+            kept.append(k)
+        small, _ = compact_cache(cache, slots, kept)
+        tokens = greedy_pseudo_tokens(model, small.grow(self.n_pseudo_tokens - 1), logits, self.n_pseudo_tokens)
+        return cache, logits, protected, tokens
+
+    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk):
+        T = prompt_ids.shape[1]
+        w = self.window_size
+        K = model.config.num_key_value_heads
+        cache, logits, protected, tokens = self.pseudo_tokens(model, prompt_ids, valid, positions, chunk)
+        g = glimpse_pure(model, cache, model.embed_tokens(tokens), reduce="mean", append=False, logits=False)
+        prefix = (valid & (jnp.arange(T) < T - w)[None])[:, None, :]
+        scores = tuple(reduce_group(pool_scores(s, prefix, self.kernel_size, self.pooling), K) for s in g.scores)
+        return Scored(cache=cache, logits=logits, scores=scores, protected=protected)

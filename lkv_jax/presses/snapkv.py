@@ -1,0 +1,71 @@
+"""SnapKV (Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation", NeurIPS 2024).
+
+kvpress `SnapKVPress(window_size=64, kernel_size=5)`: the last `window_size` prompt queries attend
+(softmax over ALL keys, causal inside the window); their probabilities on the earlier keys are averaged
+over the window, 1-D average-pooled (kernel_size), averaged over each KV head's query heads, and the
+window itself is always kept (it counts inside the budget). `pooling="max"` and `SnapKVPress.paper()`
+(window 32, kernel 7, max-pool) give the settings the LookaheadKV paper's baselines used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from lkv_jax.presses.base import BasePress, Scored, register_press
+from lkv_jax.presses.window import (
+    check_pooling,
+    check_window_rows,
+    pool_scores,
+    prefill_with_window,
+    reduce_group,
+)
+
+
+@register_press
+@dataclasses.dataclass(frozen=True)
+class SnapKVPress(BasePress):
+    """Prompts must be longer than `window_size` tokens (an error otherwise, as kvpress asserts)."""
+
+    window_size: int = 64
+    kernel_size: int = 5
+    pooling: str = "avg"
+
+    def __post_init__(self):
+        if self.window_size < 1:
+            raise ValueError(f"window_size must be >= 1, got {self.window_size}")
+        check_pooling(self.kernel_size, self.pooling)
+        super().__post_init__()
+
+    @classmethod
+    def paper(cls, **kwargs) -> SnapKVPress:
+        """The SnapKV baseline as the LookaheadKV paper ran it: window 32, kernel 7, max-pool."""
+        return cls(**{"window_size": 32, "kernel_size": 7, "pooling": "max", **kwargs})
+
+    @property
+    def n_protected(self) -> int:
+        return self.window_size
+
+    def check_prompt(self, prompt) -> None:
+        """Raise for prompt rows too short for the window (called before compressing)."""
+        check_window_rows(prompt, self.window_size, type(self).__name__)
+
+    def compress(self, model, prompt):
+        self.check_prompt(prompt)
+        return super().compress(model, prompt)
+
+    def window_scores(self, model, ids, valid, positions, chunk):
+        """(cache, logits, per-layer float32 [B, K, S] scores, per-layer protected [B, K, S])."""
+        T = ids.shape[1]
+        w = self.window_size
+        cache, logits, raw = prefill_with_window(model, ids, valid, positions, chunk=chunk, window=w)
+        K = model.config.num_key_value_heads
+        prefix = (valid & (jnp.arange(T) < T - w)[None])[:, None, :]  # [B, 1, S]
+        scores = tuple(reduce_group(pool_scores(s, prefix, self.kernel_size, self.pooling), K) for s in raw)
+        window = jnp.broadcast_to((jnp.arange(T) >= T - w)[None, None], (ids.shape[0], K, T))
+        return cache, logits, scores, (window,) * len(scores)
+
+    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk):
+        cache, logits, scores, protected = self.window_scores(model, prompt_ids, valid, positions, chunk)
+        return Scored(cache=cache, logits=logits, scores=scores, protected=protected)

@@ -1,0 +1,144 @@
+"""SpecKV (Galim et al., "Draft-based Approximate Inference for LLMs", 2025): a small draft model
+generates a surrogate response; the target scores the prompt with the draft tokens' queries.
+
+`SpecKVPress(draft_model, n_draft_tokens=32, window_size=32, kernel_size=7, pooling="max",
+reduction="max")`, following the reference code (furiosa-ai/draft-based-approx-llm, `compress_kv`):
+the scoring queries are the last `window_size` prompt tokens followed by the draft tokens; each prompt
+key scores the MAX of their softmax probabilities over those queries and the KV head's query heads,
+then a kernel-7 max-pool; the window is kept. In our design this is one glimpse: prefill the prompt
+minus its window, then glimpse [window; draft] appended to the cache (the draft's own slots sit after
+the prompt and are never selected). Draft tokens after the draft's EOS do not score.
+
+The draft must share the target's vocabulary (an error otherwise). The draft runs greedily through
+`lkv_jax.generate`, so `compress` is not one jittable function: the draft is not a pytree field; the
+scoring that follows is (`DraftScoredPress`, the draft tokens as array leaves). The number of draft
+tokens is not fixed by the LookaheadKV paper; 32 is our choice (a config field).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from lkv_jax.presses.base import BasePress, Scored, register_press
+from lkv_jax.presses.window import (
+    REDUCTIONS,
+    check_pooling,
+    check_window_rows,
+    pool_scores,
+    prefill_with_window,
+    reduce_group,
+)
+
+
+def check_same_vocab(draft_model, model) -> None:
+    v_d, v_t = draft_model.config.vocab_size, model.config.vocab_size
+    if v_d != v_t:
+        raise ValueError(f"the draft model's vocabulary ({v_d} tokens) differs from the target's ({v_t}); "
+                         "SpecKV needs a draft that shares the target's tokenizer")
+
+
+def draft_tokens(draft_model, prompt, n_tokens: int):
+    """Greedy draft continuation of a prepared prompt: (ids int32 [B, n_tokens], valid bool [B, n_tokens]);
+    tokens after a row's first EOS (and the padding of rows that stopped early) are invalid."""
+    from lkv_jax.generation import generate
+
+    toks = generate(draft_model, prompt.ids, n_tokens, attention_mask=prompt.valid, chunk_size=prompt.chunk)
+    eos = np.asarray(draft_model.config.eos_token_id or (-1,))
+    is_eos = np.isin(toks, eos)
+    valid = (np.cumsum(is_eos, axis=1) - is_eos) == 0  # up to and including the first EOS
+    pad = n_tokens - toks.shape[1]
+    toks = np.pad(toks, ((0, 0), (0, pad)))
+    valid = np.pad(valid, ((0, 0), (0, pad)))
+    return jnp.asarray(toks, jnp.int32), jnp.asarray(valid)
+
+
+@register_press
+@dataclasses.dataclass(frozen=True)
+class DraftScoredPress(BasePress):
+    """The scoring half of SpecKV, given the draft tokens (array leaves, so it jits like any press)."""
+
+    window_size: int = 32
+    kernel_size: int = 7
+    pooling: str = "max"
+    reduction: str = "max"
+    draft_ids: jnp.ndarray | None = None
+    draft_valid: jnp.ndarray | None = None
+
+    array_fields = ("draft_ids", "draft_valid")
+
+    @property
+    def n_protected(self) -> int:
+        return self.window_size
+
+    @property
+    def suffix_slots(self) -> int:
+        return int(self.draft_ids.shape[1])
+
+    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk):
+        B, T = prompt_ids.shape
+        w = self.window_size
+        K = model.config.num_key_value_heads
+        L = self.draft_ids.shape[1]
+        cache, logits, raw = prefill_with_window(model, prompt_ids, valid, positions, chunk=chunk, window=w,
+                                                 suffix=self.draft_ids, suffix_valid=self.draft_valid,
+                                                 extra_capacity=L, reduce=self.reduction)
+        S = T + L
+        prefix = (jnp.pad(valid, ((0, 0), (0, L))) & (jnp.arange(S) < T - w)[None])[:, None, :]
+        scores = tuple(pool_scores(reduce_group(s, K, self.reduction), prefix, self.kernel_size, self.pooling)
+                       for s in raw)
+        window = jnp.broadcast_to(((jnp.arange(S) >= T - w) & (jnp.arange(S) < T))[None, None], (B, K, S))
+        return Scored(cache=cache, logits=logits, scores=scores, protected=(window,) * len(scores))
+
+
+@register_press
+@dataclasses.dataclass(frozen=True, init=False)
+class SpecKVPress(BasePress):
+    draft_model: object = None
+    n_draft_tokens: int = 32
+    window_size: int = 32
+    kernel_size: int = 7
+    pooling: str = "max"
+    reduction: str = "max"
+
+    def __init__(self, draft_model=None, n_draft_tokens: int = 32, window_size: int = 32, kernel_size: int = 7,
+                 pooling: str = "max", reduction: str = "max", compression_ratio: float = 0.0,
+                 budget: int | None = None):
+        # the draft model first, as in SpecKVPress(draft, budget=...); the inherited fields come last
+        for name, value in (("draft_model", draft_model), ("n_draft_tokens", n_draft_tokens),
+                            ("window_size", window_size), ("kernel_size", kernel_size), ("pooling", pooling),
+                            ("reduction", reduction), ("compression_ratio", compression_ratio), ("budget", budget)):
+            object.__setattr__(self, name, value)
+        self.__post_init__()
+
+    def __post_init__(self):
+        if self.draft_model is None or not hasattr(self.draft_model, "config"):
+            raise TypeError("SpecKVPress needs a draft model (a lkv_jax Transformer)")
+        if self.n_draft_tokens < 1 or self.window_size < 1:
+            raise ValueError("n_draft_tokens and window_size must be >= 1")
+        check_pooling(self.kernel_size, self.pooling)
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        super().__post_init__()
+
+    @property
+    def n_protected(self) -> int:
+        return self.window_size
+
+    @property
+    def suffix_slots(self) -> int:
+        return self.n_draft_tokens
+
+    def scorer(self, draft_ids, draft_valid) -> DraftScoredPress:
+        """The jittable scoring press for given draft tokens (int [B, L], bool [B, L])."""
+        return DraftScoredPress(compression_ratio=self.compression_ratio, budget=self.budget,
+                                window_size=self.window_size, kernel_size=self.kernel_size, pooling=self.pooling,
+                                reduction=self.reduction, draft_ids=draft_ids, draft_valid=draft_valid)
+
+    def compress(self, model, prompt):
+        check_same_vocab(self.draft_model, model)
+        check_window_rows(prompt, self.window_size, type(self).__name__)
+        ids, valid = draft_tokens(self.draft_model, prompt, self.n_draft_tokens)
+        return self.scorer(ids, valid).compress(model, prompt)
