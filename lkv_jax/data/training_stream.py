@@ -1,0 +1,170 @@
+"""Densely supervised training sequences for the tiny target model, in the grammar of the synthetic tasks.
+
+A sparse loss (one short answer after a long prompt) leaves a tiny model on a plateau, and copies at a fixed
+distance teach a positional shortcut instead of retrieval. So a training sequence is a stream of records
+(`key`, multi-value `key`, `var` chains, `tag` lists) and filler sentences, with questions about records
+seen earlier inserted all along it (associative recall at random distances); the loss is on every answer
+token and its EOS. A fraction of sequences are frequent-word streams with `? top :` questions instead.
+The questions and answers are written exactly as `lkv_jax.data.synthetic` writes them, so the benchmark's
+prompts are in distribution.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lkv_jax.data.synthetic import filler_sentence, key_record, tag_record, value_words, var_record
+from lkv_jax.data.vocab import NAMES, TAGS, VALUES
+
+MAX_MULTI_VALUES, MAX_HOPS, MAX_TAG_ITEMS = 6, 8, 12
+
+
+class _Stream:
+    """Words of one sequence and, per word, whether it is a supervised answer word."""
+
+    def __init__(self):
+        self.words: list[str] = ["<bos>"]
+        self.weights: list[float] = [0.0]
+
+    def context(self, text: str) -> None:
+        w = text.split()
+        self.words += w
+        self.weights += [0.0] * len(w)
+
+    def answer(self, question: str, target: str) -> None:
+        self.context(question)
+        w = target.split() + ["<eos>"]
+        self.words += w
+        self.weights += [1.0] * len(w)
+
+
+def _record_stream(rng: np.random.Generator, n_words: int) -> _Stream:
+    s = _Stream()
+    p_filler = rng.uniform(0.05, 0.8)  # from record-dense streams to haystacks with a few needles
+    p_question = rng.uniform(0.15, 0.4)
+    free_names = list(rng.permutation(NAMES))
+    free_roots = list(rng.permutation(VALUES))
+    tags = list(rng.choice(TAGS, int(rng.integers(1, 5)), replace=False))
+    single: dict[str, str] = {}  # key -> value
+    multi: dict[str, list[str]] = {}  # key -> values in context order
+    chains: list[list[str]] = []  # [root value, X1, X2, ...]
+    tagged: dict[str, list[str]] = {t: [] for t in tags}
+    while len(s.words) < n_words:
+        r = rng.random()
+        if r < p_filler:
+            s.context(" ".join(filler_sentence(rng)))
+            continue
+        questions = _questions(single, multi, chains, tagged)
+        if questions and rng.random() < p_question:
+            kind = questions[int(rng.integers(0, len(questions)))]
+            s.answer(*_ask(rng, kind, single, multi, chains, tagged))
+            continue
+        kind = rng.choice(["key", "multi", "var", "tag"], p=[0.35, 0.15, 0.25, 0.25])
+        if kind == "key" and free_names:
+            k, v = free_names.pop(), value_words(rng, int(rng.integers(3, 6)))
+            single[k] = v
+            s.context(key_record(k, v))
+        elif kind == "multi" and (free_names or multi):
+            open_keys = [k for k, vs in multi.items() if len(vs) < MAX_MULTI_VALUES]
+            if free_names and (not open_keys or rng.random() < 0.3):
+                k = free_names.pop()
+                multi[k] = []
+            elif open_keys:
+                k = open_keys[int(rng.integers(0, len(open_keys)))]
+            else:
+                continue
+            v = value_words(rng, int(rng.integers(3, 6)))
+            multi[k].append(v)
+            s.context(key_record(k, v))
+        elif kind == "var" and free_names:
+            open_chains = [c for c in chains if len(c) <= MAX_HOPS]
+            if not open_chains or rng.random() < 0.3:
+                chain = [free_roots.pop()]
+                chains.append(chain)
+            else:
+                chain = open_chains[int(rng.integers(0, len(open_chains)))]
+            name = free_names.pop()
+            s.context(var_record(name, chain[-1]))
+            chain.append(name)
+        elif kind == "tag":
+            t = tags[int(rng.integers(0, len(tags)))]
+            if len(tagged[t]) < MAX_TAG_ITEMS:
+                v = value_words(rng, int(rng.integers(2, 5)))
+                tagged[t].append(v)
+                s.context(tag_record(t, len(tagged[t]), v))
+    return s
+
+
+def _questions(single, multi, chains, tagged) -> list[str]:
+    kinds = []
+    if single:
+        kinds.append("key")
+    if len(single) >= 2:
+        kinds.append("keys")
+    if multi and any(multi.values()):
+        kinds.append("all")
+    if chains:
+        kinds.append("chain")
+    if any(tagged.values()):
+        kinds.append("list")
+    return kinds
+
+
+def _ask(rng, kind, single, multi, chains, tagged) -> tuple[str, str]:
+    """(question, target) for a question of `kind` about the records so far."""
+    if kind == "key":
+        k = list(single)[int(rng.integers(0, len(single)))]
+        return f"? key {k} :", single[k]
+    if kind == "keys":
+        n = int(rng.integers(2, min(4, len(single)) + 1))
+        ks = [list(single)[i] for i in rng.choice(len(single), n, replace=False)]
+        return f"? keys {' '.join(ks)} :", " ; ".join(f"{k} : {single[k]}" for k in ks)
+    if kind == "all":
+        ks = [k for k, vs in multi.items() if vs]
+        k = ks[int(rng.integers(0, len(ks)))]
+        return f"? all key {k} :", " ; ".join(multi[k])
+    if kind == "chain":
+        c = chains[int(rng.integers(0, len(chains)))]
+        return f"? chain {c[0]} :", " ".join(c[1:])
+    ts = [t for t, vs in tagged.items() if vs]
+    t = ts[int(rng.integers(0, len(ts)))]
+    return f"? list {t} :", " ; ".join(f"{t} {i} : {v}" for i, v in enumerate(tagged[t], start=1))
+
+
+def _frequent_words_stream(rng: np.random.Generator, n_words: int) -> _Stream:
+    s = _Stream()
+    alpha = rng.uniform(1.5, 2.5)
+    ranks = np.arange(1, len(VALUES) + 1, dtype=np.float64)
+    p = ranks ** -alpha
+    p /= p.sum()
+    words = list(rng.permutation(VALUES))
+    counts = dict.fromkeys(VALUES, 0)
+    next_question = int(rng.integers(48, 160))
+    while len(s.words) < n_words:
+        w = words[int(rng.choice(len(words), p=p))]
+        s.context(w)
+        counts[w] += 1
+        if len(s.words) >= next_question:
+            next_question = len(s.words) + int(rng.integers(64, 256))
+            top = sorted(counts, key=lambda x: -counts[x])[:4]
+            if len({counts[x] for x in top}) == 4:  # only ask when the top three are unambiguous
+                s.answer("? top :", " ".join(top[:3]))
+                for x in top[:3]:  # the answer words are words of the text from now on
+                    counts[x] += 1
+    return s
+
+
+def training_sequence(rng: np.random.Generator, length: int, vocab, *, p_frequent_words: float = 0.1):
+    """One sequence of `length + 1` token ids (`<bos>` first) and per-token loss weights (1 on answer words
+    and their EOS): inputs are ids[:-1], targets ids[1:] weighted by weights[1:]. Returns int32, float32 [T+1]."""
+    if length < 16:
+        raise ValueError(f"length must be at least 16, got {length}")
+    stream = (_frequent_words_stream if rng.random() < p_frequent_words else _record_stream)(rng, length + 1)
+    ids = np.asarray(vocab.encode(stream.words[: length + 1], strict=True), np.int32)
+    return ids, np.asarray(stream.weights[: length + 1], np.float32)
+
+
+def training_batch(rng: np.random.Generator, batch: int, length: int, vocab, **kw):
+    """`batch` sequences from `training_sequence`: ids int32 [B, T+1], weights float32 [B, T+1]."""
+    seqs = [training_sequence(rng, length, vocab, **kw) for _ in range(batch)]
+    return np.stack([s[0] for s in seqs]), np.stack([s[1] for s in seqs])

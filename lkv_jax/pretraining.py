@@ -1,0 +1,194 @@
+"""Training a small causal LM from scratch: the weighted next-token loss, an AdamW step, a length
+curriculum and resumable checkpoints. Used for the project's tiny target model (experiments/train_tiny_target.py).
+
+The curriculum is a list of stages (sequence length, steps, peak learning rate, batch); the learning rate
+warms up at the start and is lowered at each step up in length, which keeps a tiny model from losing what it
+learnt on short sequences when the copies get longer. Checkpoints are plain `.npz` files of the parameter
+and optimizer leaves (no pickle) plus a JSON note of the step, written often so a killed run continues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from lkv_jax.config import ModelConfig, RopeConfig
+from lkv_jax.inference import forward_dense_pure
+from lkv_jax.models.transformer import Transformer
+
+
+def small_llama_config(vocab_size: int, *, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4,
+                       num_kv_heads: int = 2, intermediate_size: int | None = None, rope_theta: float = 10000.0,
+                       bos_token_id: int = 1, eos_token_id: int = 2, pad_token_id: int = 0,
+                       max_position_embeddings: int = 4096) -> ModelConfig:
+    """A Llama-architecture ModelConfig for a model trained from scratch (vocab rounded up to 64)."""
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
+    return ModelConfig(
+        vocab_size=-(-vocab_size // 64) * 64, hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 3 * hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=hidden_size // num_heads,
+        family="llama", rms_norm_eps=1e-5, rope=RopeConfig(theta=rope_theta),
+        max_position_embeddings=max_position_embeddings, bos_token_id=bos_token_id,
+        eos_token_id=(eos_token_id,), pad_token_id=pad_token_id)
+
+
+def weighted_lm_loss(model: Transformer, ids: jax.Array, weights: jax.Array):
+    """Weighted next-token cross-entropy. ids int [B, T+1], weights float [B, T+1] (weight of predicting
+    each token). Returns (loss, (token accuracy on weighted tokens, per-row all-correct [B]))."""
+    logits = forward_dense_pure(model, ids[:, :-1])
+    targets, w = ids[:, 1:], weights[:, 1:]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    loss = (nll * w).sum() / jnp.maximum(w.sum(), 1.0)
+    hit = (jnp.argmax(logits, -1) == targets)
+    acc = (hit * w).sum() / jnp.maximum(w.sum(), 1.0)
+    return loss, (acc, jnp.all(hit | (w == 0), axis=-1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One step of the length curriculum."""
+
+    length: int
+    steps: int
+    lr: float
+    batch: int
+
+
+def parse_curriculum(text: str) -> tuple[Stage, ...]:
+    """`"128:600:3e-3:32,256:600:2e-3:16"` -> stages (length:steps:lr:batch, comma separated)."""
+    stages = []
+    for part in text.split(","):
+        try:
+            length, steps, lr, batch = part.split(":")
+            stages.append(Stage(int(length), int(steps), float(lr), int(batch)))
+        except ValueError as e:
+            raise ValueError(f"bad curriculum stage {part!r}; expected length:steps:lr:batch") from e
+    if not stages:
+        raise ValueError("empty curriculum")
+    return tuple(stages)
+
+
+def learning_rate(stages: tuple[Stage, ...], step: int, warmup: int) -> tuple[Stage, float]:
+    """The stage a global step falls in and its learning rate: linear warmup over the first `warmup` steps
+    of the run (and a short re-warmup of warmup // 4 steps at each stage start), cosine decay to 10% of the
+    stage's peak at its end."""
+    start = 0
+    for i, st in enumerate(stages):
+        if step < start + st.steps or i == len(stages) - 1:
+            k = min(step - start, st.steps - 1)
+            w = warmup if i == 0 else max(warmup // 4, 1)
+            ramp = min(1.0, (k + 1) / w)
+            decay = 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * k / max(st.steps - 1, 1)))
+            return st, float(st.lr * ramp * decay)
+        start += st.steps
+    raise AssertionError("unreachable")
+
+
+class Trainer:
+    """AdamW on all parameters of an NNX Transformer; the learning rate is an injected hyperparameter so
+    stage changes do not recompile. Sequence lengths compile once each."""
+
+    def __init__(self, model: Transformer, *, weight_decay: float = 0.01, clip: float = 1.0):
+        self.graphdef, self.params = nnx.split(model, nnx.Param)
+        self.tx = optax.chain(optax.clip_by_global_norm(clip),
+                              optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3, b2=0.98,
+                                                                    weight_decay=weight_decay))
+        self.opt_state = self.tx.init(self.params)
+        self.step = 0
+
+        def loss_fn(params, ids, weights):
+            return weighted_lm_loss(nnx.merge(self.graphdef, params), ids, weights)
+
+        def train_step(params, opt_state, ids, weights, lr):
+            opt_state[1].hyperparams["learning_rate"] = lr
+            (loss, (acc, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, ids, weights)
+            updates, opt_state = self.tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss, acc
+
+        self._step = jax.jit(train_step, donate_argnums=(0, 1))
+        self._eval = jax.jit(loss_fn)
+
+    @property
+    def model(self) -> Transformer:
+        return nnx.merge(self.graphdef, self.params)
+
+    def train_step(self, ids: np.ndarray, weights: np.ndarray, lr: float) -> tuple[float, float]:
+        """One update on ids int [B, T+1] / weights [B, T+1]; returns (loss, weighted token accuracy)."""
+        self.params, self.opt_state, loss, acc = self._step(self.params, self.opt_state, jnp.asarray(ids),
+                                                            jnp.asarray(weights), jnp.float32(lr))
+        self.step += 1
+        return float(loss), float(acc)
+
+    def evaluate(self, ids: np.ndarray, weights: np.ndarray) -> dict[str, float]:
+        """Teacher-forced loss, answer-token accuracy and the fraction of rows with every answer token right."""
+        loss, (acc, rows) = self._eval(self.params, jnp.asarray(ids), jnp.asarray(weights))
+        return {"loss": float(loss), "token_acc": float(acc), "row_exact": float(jnp.mean(rows))}
+
+    # -------------------------------------------------------------------------------- checkpoints
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        """Write `<path>.npz` (parameter and optimizer leaves) and `<path>.json` (step and `extra`)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        leaves = jax.tree.leaves((self.params, self.opt_state))
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, *[np.asarray(x) for x in leaves])
+        tmp.replace(path.with_suffix(".npz"))  # atomic: a kill mid-write leaves the previous checkpoint
+        path.with_suffix(".json").write_text(json.dumps({"step": self.step, **(extra or {})}, indent=2))
+
+    def restore(self, path: str | Path) -> dict | None:
+        """Load a checkpoint written by `save` if it exists; returns its JSON note (or None)."""
+        path = Path(path)
+        if not path.with_suffix(".npz").exists():
+            return None
+        treedef = jax.tree.structure((self.params, self.opt_state))
+        old = jax.tree.leaves((self.params, self.opt_state))
+        with np.load(path.with_suffix(".npz"), allow_pickle=False) as f:
+            leaves = [f[f"arr_{i}"] for i in range(len(f.files))]
+        if len(leaves) != len(old) or any(a.shape != np.shape(b) for a, b in zip(leaves, old, strict=True)):
+            raise ValueError(f"checkpoint {path} does not match this model/optimizer")
+        leaves = [jnp.asarray(a, dtype=jnp.asarray(b).dtype) for a, b in zip(leaves, old, strict=True)]
+        self.params, self.opt_state = jax.tree.unflatten(treedef, leaves)
+        note = json.loads(path.with_suffix(".json").read_text())
+        self.step = int(note["step"])
+        return note
+
+
+def run_curriculum(trainer: Trainer, stages: tuple[Stage, ...], batches: Callable[[int, int, int], tuple],
+                   *, warmup: int = 100, log_every: int = 25, checkpoint: str | Path | None = None,
+                   checkpoint_every: int = 100, log: Callable[[str], None] = print,
+                   on_stage_end: Callable[[Stage, Trainer], None] | None = None) -> Iterator[dict]:
+    """Train through `stages` from `trainer.step` (so a restored trainer continues where it stopped).
+
+    batches(step, batch, length) -> (ids [B, T+1], weights [B, T+1]) must depend only on its arguments, so a
+    resumed run sees the same data. Yields a dict of metrics every `log_every` steps.
+    """
+    total = sum(s.steps for s in stages)
+    t0, tokens = time.time(), 0
+    while trainer.step < total:
+        step = trainer.step
+        stage, lr = learning_rate(stages, step, warmup)
+        ids, weights = batches(step, stage.batch, stage.length)
+        loss, acc = trainer.train_step(ids, weights, lr)
+        tokens += ids.size
+        done = trainer.step
+        if done % log_every == 0 or done == total:
+            rec = {"step": done, "length": stage.length, "lr": lr, "loss": loss, "token_acc": acc,
+                   "tokens_per_s": tokens / max(time.time() - t0, 1e-9)}
+            log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}))
+            yield rec
+        if checkpoint is not None and (done % checkpoint_every == 0 or done == total):
+            trainer.save(checkpoint)
+        boundary = np.cumsum([s.steps for s in stages])
+        if on_stage_end is not None and done in boundary:
+            on_stage_end(stage, trainer)

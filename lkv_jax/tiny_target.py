@@ -1,0 +1,115 @@
+"""The project's tiny target model: its default shape and curriculum, the full-KV accuracy check on the
+synthetic tasks, and export as a Hugging Face directory (what `lkv_jax/assets/tiny_target/` holds).
+
+    model = lkv_jax.load_hf(lkv_jax.tiny_target.ASSET_DIR)
+    vocab = lkv_jax.data.vocab.load_vocab(lkv_jax.tiny_target.ASSET_DIR)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lkv_jax.checkpoint.hf import save_hf
+from lkv_jax.data.metrics import METRICS
+from lkv_jax.data.synthetic import TASKS, encode_builtin, generate_samples
+from lkv_jax.models.transformer import Transformer
+
+ASSET_DIR = Path(__file__).parent / "assets" / "tiny_target"
+# length:steps:peak_lr:batch; the lr drops at each step up in length (see lkv_jax.pretraining)
+DEFAULT_CURRICULUM = "128:700:3e-3:16,256:600:2e-3:8,512:600:1.5e-3:4,1024:700:1e-3:2"
+EVAL_TASKS = tuple(TASKS)
+
+
+def left_pad(rows: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged int rows -> (ids int32 [B, T], attention_mask int32 [B, T]) padded on the left."""
+    T = max(len(r) for r in rows)
+    ids = np.full((len(rows), T), pad_id, np.int32)
+    mask = np.zeros((len(rows), T), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = r
+        mask[i, T - len(r):] = 1
+    return ids, mask
+
+
+def predict(model: Transformer, vocab, samples, *, press=None, batch_size: int = 8) -> list[str]:
+    """Greedy answers (text, up to EOS) to query-aware built-in-vocab prompts, with a full cache
+    (press=None) or a compressed one."""
+    from lkv_jax.generation import generate
+
+    out = []
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        ids, mask = left_pad([encode_builtin(s, vocab).prompt for s in chunk], vocab.pad_id)
+        n_new = max(s.max_new_tokens for s in chunk)
+        tokens = generate(model, ids, n_new, press, attention_mask=mask, eos_token_id=vocab.eos_id,
+                          pad_token_id=vocab.pad_id)
+        for row in tokens:
+            row = list(row)
+            if vocab.eos_id in row:
+                row = row[:row.index(vocab.eos_id)]
+            out.append(vocab.decode(row))
+    return out
+
+
+def synthetic_accuracy(model: Transformer, vocab, *, tasks=EVAL_TASKS, length: int = 1024, n: int = 16,
+                       seed: int = 1234, press=None, batch_size: int = 8) -> dict:
+    """Per task: RULER score (0-100, the task's metric) and exact-match rate of greedy answers on n samples
+    at one context length. Seed 1234 is kept away from training, which draws its own stream."""
+    result = {}
+    for task in tasks:
+        samples = generate_samples(task, n, length, seed=seed)
+        preds = predict(model, vocab, samples, press=press, batch_size=batch_size)
+        fn = METRICS[samples[0].metric]
+        pairs = list(zip(preds, samples, strict=True))
+        result[task] = {"score": round(100.0 * float(np.mean([fn(p, s.references) for p, s in pairs])), 2),
+                        "exact": round(100.0 * float(np.mean([p == s.target for p, s in pairs])), 2)}
+    result["average"] = {k: round(float(np.mean([result[t][k] for t in tasks])), 2) for k in ("score", "exact")}
+    return result
+
+
+def accuracy_table(results: dict[int, dict]) -> str:
+    """Markdown table: one row per task, score / exact per context length."""
+    lengths = sorted(results)
+    tasks = [t for t in next(iter(results.values())) if t != "average"] + ["average"]
+    head = "| task | " + " | ".join(f"{L} tokens: score / exact" for L in lengths) + " |"
+    rows = [head, "|" + " --- |" * (len(lengths) + 1)]
+    for t in tasks:
+        rows.append(f"| {t} | " + " | ".join(f"{results[L][t]['score']:.1f} / {results[L][t]['exact']:.1f}"
+                                            for L in lengths) + " |")
+    return "\n".join(rows)
+
+
+def export(model: Transformer, vocab, directory: str | Path, *, command: str, results: dict[int, dict],
+           n_samples: int, notes: str = "") -> Path:
+    """Write the HF directory: config.json, model.safetensors, tokenizer.json (+ config), accuracy.json and
+    a README.md model card with the command that made the model and its full-KV accuracies."""
+    directory = Path(directory)
+    save_hf(model, directory)
+    vocab.save(directory)
+    (directory / "accuracy.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2) + "\n")
+    cfg = model.config
+    card = f"""# lkv_jax tiny target model
+
+A {model.num_params() / 1e6:.2f}M-parameter Llama-architecture model (hidden {cfg.hidden_size},
+{cfg.num_hidden_layers} layers, {cfg.num_attention_heads} query / {cfg.num_key_value_heads} KV heads,
+head dim {cfg.head_dim}, vocabulary {cfg.vocab_size} with {len(vocab)} words in use), trained from scratch
+by lkv_jax on the RULER-style synthetic tasks of `lkv_jax.data.synthetic` (built-in word-level vocabulary,
+`tokenizer.json` here). It exists to make KV-cache eviction measurable on a laptop CPU: its answers must be
+copied from records hidden in the middle of the prompt, several tokens each.
+
+Made with:
+
+    {command}
+
+Full-KV accuracy (greedy `lkv_jax.generate`, query-aware prompts, {n_samples} held-out samples per task,
+seed 1234; score = RULER string_match_all x 100, exact = whole answer right):
+
+{accuracy_table(results)}
+
+Load it with `lkv_jax.load_hf("{directory.name}")` and `lkv_jax.data.vocab.load_vocab("{directory.name}")`.
+{notes}"""
+    (directory / "README.md").write_text(card)
+    return directory
