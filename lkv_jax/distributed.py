@@ -1,0 +1,127 @@
+"""Entry points jitted over a device mesh: compress, generate and the lookahead training step, plus the
+multi-host plumbing (process initialisation, per-process data, globally sharded batches).
+
+Shardings come from `lkv_jax.sharding`; every function here is `jax.jit(..., in_shardings=,
+out_shardings=)` around the same pure functions the single-device path runs, so results agree.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lkv_jax.inference import DEFAULT_CHUNK, prepare_prompt
+from lkv_jax.presses.base import BasePress, CompressOutput, compress_pure
+from lkv_jax.sharding import adapter_specs, batch_spec, cache_specs, check_mesh, logical_to_spec, named, param_specs
+
+# -------------------------------------------------------------------------------------------------
+# multi-host
+
+
+def maybe_initialize_distributed() -> bool:
+    """Call `jax.distributed.initialize()` when launched as one of several processes.
+
+    Detects a coordinator given by environment (JAX_COORDINATOR_ADDRESS, as our TPU launcher sets,
+    or a multi-worker TPU VM / SLURM job that jax auto-detects when LKV_DISTRIBUTED=1). Returns True
+    if it initialised. Must run before any other JAX call.
+    """
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("LKV_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+def process_shard(n_items: int) -> range:
+    """The indices of a dataset this process feeds (contiguous interleave over processes)."""
+    return range(jax.process_index(), n_items, jax.process_count())
+
+
+def global_batch(local: dict, mesh: Mesh) -> dict:
+    """Assemble per-process batches (leading dim = local batch) into global arrays sharded over data."""
+    return {k: jax.make_array_from_process_local_data(NamedSharding(mesh, batch_spec(np.ndim(v))), np.asarray(v))
+            for k, v in local.items()}
+
+
+# -------------------------------------------------------------------------------------------------
+# prefill-eviction on a mesh
+
+
+def _replicated(mesh: Mesh, tree):
+    return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
+
+
+def compress_out_specs(n_layers: int) -> CompressOutput:
+    """Specs of a CompressOutput: the cache per `cache_specs`, kept positions and scores [B, K, n] like
+    the cache, logits batch-sharded."""
+    kv3 = logical_to_spec(("batch", "kv_heads", None))
+    return CompressOutput(cache=cache_specs(n_layers), kept_positions=(kv3,) * n_layers, scores=(kv3,) * n_layers,
+                          logits=logical_to_spec(("batch", None)))
+
+
+_COMPRESS_FNS: dict = {}
+
+
+def _compress_on_mesh_fn(model, graphdef, mesh: Mesh, chunk: int, budgets: tuple[int, ...]):
+    """The jitted, sharded compress for one (model structure, mesh, chunk, budgets); cached."""
+    key = (graphdef, mesh, chunk, budgets)
+    if key not in _COMPRESS_FNS:
+        b2 = NamedSharding(mesh, batch_spec(2))
+        # the press (e.g. LookaheadKV's adapter) is small: replicated, given as a sharding prefix
+        in_sh = (named(mesh, param_specs(model)), NamedSharding(mesh, P()), b2, b2, b2, NamedSharding(mesh, P("data")))
+        out_sh = named(mesh, compress_out_specs(model.config.num_hidden_layers))
+        fn = functools.partial(compress_pure, graphdef, chunk=chunk, budgets=budgets)
+        _COMPRESS_FNS[key] = jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh)
+    return _COMPRESS_FNS[key]
+
+
+def compress_on_mesh(model, input_ids, press: BasePress, mesh: Mesh, *, attention_mask=None,
+                     chunk_size: int = DEFAULT_CHUNK) -> CompressOutput:
+    """`lkv_jax.compress` jitted over `mesh`: parameters per `param_specs`, the batch over data, the
+    cache's KV heads over tensor. Same results as the single-device path."""
+    prompt = prepare_prompt(input_ids, attention_mask, chunk_size, model.config.vocab_size)
+    check_mesh(mesh, model.config, batch=prompt.ids.shape[0])
+    counts, budgets = press.eviction_plan(model, prompt)
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)  # shardings are given as a pure-dict tree
+    fn = _compress_on_mesh_fn(model, graphdef, mesh, prompt.chunk, budgets)
+    return fn(params, press, prompt.ids, prompt.valid, prompt.positions, jnp.asarray(counts, jnp.int32))
+
+
+# -------------------------------------------------------------------------------------------------
+# training on a mesh
+
+
+def opt_state_specs(optimizer: optax.GradientTransformation, opt_state, adapter):
+    """Specs for the optimizer state: parameter-shaped parts follow the adapter, the rest replicated."""
+    a_specs = adapter_specs(adapter)
+    return optax.tree_map_params(optimizer, lambda _, spec: spec, opt_state, a_specs,
+                                 transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
+
+
+def train_step_on_mesh(graphdef, optimizer, mesh: Mesh, base_params, adapter, opt_state, batch, *, chunk: int,
+                       label_source: str = "dataset", recall_budgets=(64, 128, 256)):
+    """A jitted `lkv_jax.lookahead.training.train_step` whose inputs and outputs are sharded over `mesh`:
+    base per `param_specs` (FSDP + tensor), adapter per `adapter_specs`, optimizer state like the
+    adapter, the batch over data. `base_params` is the pure dict (`nnx.to_pure_dict(nnx.state(model))`).
+    Returns the jitted function; call it as `fn(base_params, adapter, opt_state, batch)`."""
+    from lkv_jax.lookahead.training import train_step
+
+    model = nnx.merge(graphdef, base_params)
+    check_mesh(mesh, model.config, batch=next(iter(batch.values())).shape[0])
+    p_sh = named(mesh, param_specs(model))
+    a_sh = named(mesh, adapter_specs(adapter))
+    o_sh = named(mesh, opt_state_specs(optimizer, opt_state, adapter))
+    b_sh = {k: NamedSharding(mesh, batch_spec(np.ndim(v))) for k, v in batch.items()}
+    fn = functools.partial(train_step, graphdef, optimizer=optimizer, chunk=chunk, label_source=label_source,
+                           recall_budgets=tuple(recall_budgets))
+    metrics_shape = jax.eval_shape(fn, base_params, adapter, opt_state, batch)[2]
+    return jax.jit(fn, in_shardings=(p_sh, a_sh, o_sh, b_sh),
+                   out_shardings=(a_sh, o_sh, _replicated(mesh, metrics_shape)))
