@@ -1,0 +1,117 @@
+"""Oracle coverage: hand-worked and brute-force cases, labels against transformers' eager attention, and
+the runner's per-sample coverage against a brute-force computation from transformers' attention."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_hf_model, save_hf_model
+
+import lkv_jax
+from lkv_jax.evaluation import EvalConfig, EvalSample, EvalTask, PressSpec, run_eval
+from lkv_jax.evaluation.oracle import coverage, kept_mask, response_labels, slots_to_positions
+from lkv_jax.evaluation.runner import cell_path
+from lkv_jax.inference import prepare_prompt
+from lkv_jax.lookahead.labels import pad_left, pad_right
+
+
+def test_coverage_by_hand():
+    # one KV head shared by two query heads (G = 2), four positions
+    label = np.array([[[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]]] * 2)  # [layers 2, N 2, P 4]
+    kept = [np.array([[False, True, False, True]]), np.array([[True, False, False, False]])]
+    # layer 0 keeps {1, 3}: head 0 covers 0.2 + 0.4, head 1 covers 0.5 -> mean 0.55
+    # layer 1 keeps {0} plus the always-kept {3}: head 0 0.1 + 0.4, head 1 0.5 -> 0.5
+    always = np.array([False, False, False, True])
+    np.testing.assert_allclose(coverage(label, kept), [0.55, 0.175])
+    np.testing.assert_allclose(coverage(label, kept, always), [0.55, 0.5])
+    np.testing.assert_allclose(coverage(label, [np.ones((1, 4), bool)] * 2), [1.0, 1.0])
+
+
+def test_coverage_equals_brute_force():
+    rng = np.random.RandomState(0)
+    L, N, K, P = 3, 6, 2, 11
+    label = rng.rand(L, N, P)
+    label /= label.sum(-1, keepdims=True)
+    kept = rng.rand(L, K, P) < 0.4
+    brute = np.zeros(L)
+    for l in range(L):
+        total = 0.0
+        for n in range(N):
+            k = n // (N // K)
+            total += sum(label[l, n, p] for p in range(P) if kept[l, k, p])
+        brute[l] = total / N
+    np.testing.assert_allclose(coverage(label, kept), brute, rtol=1e-12)
+    with pytest.raises(ValueError, match="does not fit"):
+        coverage(label, rng.rand(L, 4, P) < 0.5)
+
+
+def test_kept_mask():
+    m = kept_mask(np.array([[0, 3, -1], [1, 2, 4]]), 5)
+    np.testing.assert_array_equal(m, [[1, 0, 0, 1, 0], [0, 1, 1, 0, 1]])
+    with pytest.raises(ValueError, match="outside"):
+        kept_mask(np.array([[5]]), 5)
+
+
+def hf_label(hf, prompt: np.ndarray, response: list[int]) -> np.ndarray:
+    """Brute force from transformers' eager attention on [prompt; response]: per layer and head, the
+    mean over response rows of the attention on prompt columns, renormalised. float64 [L, N, T]."""
+    ids = torch.tensor(np.concatenate([prompt, response])[None], dtype=torch.long)
+    with torch.no_grad():
+        att = hf(ids, output_attentions=True).attentions
+    T = len(prompt)
+    out = np.stack([a[0, :, T:, :T].double().numpy().mean(1) for a in att])
+    return out / out.sum(-1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    hf = build_hf_model("llama")
+    path = save_hf_model(hf, tmp_path_factory.mktemp("model") / "llama")
+    return hf, lkv_jax.load_hf(path, dtype="float32")
+
+
+def test_response_labels_match_transformers_attention(tiny):
+    hf, model = tiny
+    rng = np.random.RandomState(1)
+    prompts = [rng.randint(4, 128, size=n) for n in (13, 29)]
+    responses = [[5, 9, 17], [40, 41, 42, 43, 44]]
+    ids, mask = pad_left(prompts)
+    prompt = prepare_prompt(ids, mask, 16, model.config.vocab_size)
+    r_ids, r_mask = pad_right(responses, 8)
+    labels = slots_to_positions(response_labels(model, prompt, r_ids, r_mask), np.asarray(prompt.valid))
+    for lab, p, r in zip(labels, prompts, responses, strict=True):
+        np.testing.assert_allclose(lab, hf_label(hf, p, r), atol=2e-5)
+
+
+@pytest.mark.parametrize("mode", ["query-aware", "question-agnostic"])
+def test_runner_coverage_equals_brute_force(tiny, tmp_path, mode):
+    hf, model = tiny
+    rng = np.random.RandomState(2)
+    samples = tuple(EvalSample(id=f"s{i}", context_ids=rng.randint(4, 128, size=n),
+                               question_ids=rng.randint(4, 128, size=3), answers=("",))
+                    for i, n in enumerate((20, 33)))
+    task = EvalTask("t", samples, 5, score=lambda p, s: 0.0, decode=lambda ids: " ".join(map(str, ids)),
+                    eos_token_ids=(2,))
+    budget, n_sink = 8, 2
+    cfg = EvalConfig(presses=(PressSpec.parse(f"streamingllm:n_sink={n_sink}"),), budgets=(budget, 1000),
+                     batch_size=2, mode=mode, measure_overhead=False)
+    run_eval(model, [task], cfg, tmp_path, progress=False)
+    full = json.loads(cell_path(tmp_path, "fullkv", "full", "t").read_text())
+    small = json.loads(cell_path(tmp_path, f"streamingllm:n_sink={n_sink}", f"budget={budget}", "t").read_text())
+    large = json.loads(cell_path(tmp_path, f"streamingllm:n_sink={n_sink}", "budget=1000", "t").read_text())
+    for s, rf, rs, rl in zip(samples, full["samples"], small["samples"], large["samples"], strict=True):
+        label = hf_label(hf, s.prompt_ids, rf["generated_ids"])
+        n_comp = len(s.context_ids) if mode == "question-agnostic" else len(s.prompt_ids)
+        # StreamingLLM keeps the n_sink first and the budget - n_sink last compressed positions; the
+        # question (agnostic mode) is appended afterwards and always present
+        kept = np.zeros(len(s.prompt_ids), bool)
+        kept[:n_sink] = True
+        kept[n_comp - (budget - n_sink):] = True
+        brute = label[:, :, kept].sum(-1).mean(-1)
+        np.testing.assert_allclose(rs["oracle_coverage"], brute, atol=3e-5)
+        np.testing.assert_allclose(rl["oracle_coverage"], 1.0, atol=1e-5)  # budget >= prompt: everything kept
+    assert small["oracle"]["coverage_per_layer"] == pytest.approx(
+        np.mean([r["oracle_coverage"] for r in small["samples"]], axis=0).tolist())
