@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -98,6 +99,20 @@ def test_eviction_pipeline_kernels_match_reference_pipeline():
     pos = lambda s, k: np.where(np.asarray(k), np.take_along_axis(np.asarray(key_pos), np.asarray(s), -1), -1)
     np.testing.assert_array_equal(pos(slots, kept), pos(want_slots, want_kept))
     assert np.asarray(kept).sum(-1).tolist() == [[64, 64], [40, 40]]
+
+
+@pytest.mark.parametrize("target,platform,call", [("gpu", "cuda", "__gpu$xla.gpu.triton"),
+                                                  ("tpu", "tpu", "tpu_custom_call")])
+def test_kernel_lowers_for_the_hardware(target, platform, call):
+    """Triton / Mosaic TPU lowering (with their block-shape checks) runs on CPU; only the device compile
+    is left untested."""
+    from pallas_kernels.topk_select.op import _select_pallas
+
+    sds = jax.ShapeDtypeStruct
+    f = jax.jit(lambda s, a, p, c: _select_pallas(s, a, p, 2048, c, interpret=False, target=target))
+    text = f.trace(sds((1, 8, 32768), jnp.float32), sds((1, 8, 32768), jnp.bool_), sds((1, 8, 32768), jnp.bool_),
+                   sds((1,), jnp.int32)).lower(lowering_platforms=(platform,)).as_text()
+    assert f"custom_call @{call}" in text
 
 
 def test_bad_inputs_raise():

@@ -164,6 +164,27 @@ def test_default_implementation_on_cpu_is_the_reference():
     np.testing.assert_allclose(np.asarray(scores), want_scores, atol=1e-6)
 
 
+LOWERED_AS = {"gpu": ("cuda", "__gpu$xla.gpu.triton"), "tpu": ("tpu", "tpu_custom_call")}
+
+
+@pytest.mark.parametrize("target", ["gpu", "tpu"])
+@pytest.mark.parametrize("L,N,K,H,S,reduce", [(32, 32, 8, 128, 8192, "mean"), (1, 8, 8, 64, 1000, "max")])
+def test_kernels_lower_for_the_hardware(target, L, N, K, H, S, reduce):
+    """Cross-platform lowering on CPU runs Pallas' Triton / Mosaic TPU lowering, with their block-shape
+    checks (powers of two for Triton; (8, 128)-divisible or full dims for TPU). Only the final
+    hardware compile (ptxas / libtpu) is left untested without a device."""
+    from pallas_kernels.suffix_attention.kernel import suffix_attention_pallas
+
+    sds = jax.ShapeDtypeStruct
+    args = (sds((2, L, N, H), jnp.bfloat16), sds((2, L), jnp.int32), sds((2, K, S, H), jnp.bfloat16),
+            sds((2, K, S, H), jnp.bfloat16), sds((2, K, S), jnp.int32), sds((2, K, S), jnp.bool_),
+            sds((2, L), jnp.bool_))
+    platform, call = LOWERED_AS[target]
+    f = jax.jit(lambda *a: suffix_attention_pallas(*a, reduce=reduce, target=target))
+    text = f.trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    assert text.count(f"custom_call @{call}") == 2  # the two passes
+
+
 def test_gpu_split_covers_the_blocks_with_power_of_two_chunks():
     for n_blocks, bh in [(1, 8), (128, 8), (512, 8), (2048, 8), (7, 1), (300, 64)]:
         n_split, n_inner = gpu_split(n_blocks, bh)

@@ -65,11 +65,12 @@ def _stats_update(s, mask, m, l):
     return m_new, l * jnp.exp(m - m_new) + p.sum(axis=1, keepdims=True)
 
 
-def _probs(s, mask, m, inv_l, w_col, reduce):
-    """Final probabilities [Mp, bs] and the block's key scores [1, bs] (weighted sum or max over rows)."""
+def _probs(s, mask, m, inv_l, w_col, reduce, keepdims):
+    """Final probabilities [Mp, bs] and the block's key scores ([1, bs] with keepdims, else [bs]):
+    the weighted sum or the max over rows."""
     p = jnp.where(mask, jnp.exp(s - m), 0.0) * inv_l
     pw = p * w_col
-    sc = pw.sum(axis=0, keepdims=True) if reduce == "mean" else pw.max(axis=0, keepdims=True)
+    sc = pw.sum(axis=0, keepdims=keepdims) if reduce == "mean" else pw.max(axis=0, keepdims=keepdims)
     return p, sc
 
 
@@ -95,7 +96,7 @@ def _tpu_probs_kernel(q_ref, k_ref, v_ref, kp_ref, rp_ref, w_ref, m_ref, il_ref,
         o_ref[...] = jnp.zeros(o_ref.shape, jnp.float32)
 
     s, mask = _logits(q_ref[...], k_ref[...], kp_ref[...], rp_ref[...], scale)
-    p, sc = _probs(s, mask, m_ref[...], il_ref[...], w_ref[...], reduce)
+    p, sc = _probs(s, mask, m_ref[...], il_ref[...], w_ref[...], reduce, keepdims=True)
     sc_ref[...] = sc
     v = v_ref[...]
     o_ref[...] += jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
@@ -144,8 +145,8 @@ def _gpu_stats_kernel(q_ref, k_ref, kp_ref, rp_ref, m_ref, l_ref, *, scale, bloc
     Mp = q.shape[0]
     init = (jnp.full((Mp, 1), NEG, jnp.float32), jnp.zeros((Mp, 1), jnp.float32))
     m, l = jax.lax.fori_loop(0, n_inner, body, init)
-    m_ref[...] = m[:, 0]
-    l_ref[...] = l[:, 0]
+    m_ref[...] = m.reshape(Mp)
+    l_ref[...] = l.reshape(Mp)
 
 
 def _gpu_probs_kernel(q_ref, k_ref, v_ref, kp_ref, rp_ref, w_ref, m_ref, il_ref, o_ref, sc_ref, *, scale, reduce,
@@ -159,8 +160,8 @@ def _gpu_probs_kernel(q_ref, k_ref, v_ref, kp_ref, rp_ref, w_ref, m_ref, il_ref,
     def body(i, acc):
         sl = pl.ds(i * block_s, block_s)
         s, mask = _logits(q, k_ref[sl, :], kp_ref[sl][None, :], rp, scale)
-        p, sc = _probs(s, mask, m, inv_l, w, reduce)
-        sc_ref[sl] = sc[0]
+        p, sc = _probs(s, mask, m, inv_l, w, reduce, keepdims=False)  # Triton: no slicing of values
+        sc_ref[sl] = sc
         v = v_ref[sl, :]
         return acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
 

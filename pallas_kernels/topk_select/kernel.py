@@ -75,8 +75,8 @@ def _gpu_kernel(key_ref, n_ref, t_ref, j_ref, *, n_idx_bits, n_chunks):
 
     t, j = _bisect(lambda c: rsum(lambda k, _: k >= c), lambda c: rsum(lambda k, _: k > c),
                    lambda t, c: rsum(lambda k, i: (k == t) & (i < c)), n_ref[...][:, None], n_idx_bits)
-    t_ref[...] = t[:, 0]
-    j_ref[...] = j[:, 0]
+    t_ref[...] = t.reshape(1)  # Triton: reshape, not slicing, of values
+    j_ref[...] = j.reshape(1)
 
 
 def topn_cuts(keys, counts, *, target: str = "tpu", interpret=False):
