@@ -102,6 +102,7 @@ CASES = [  # dtype, G, L, S, target, block_s, reduce, evicted
     (jnp.float32, 2, 8, 300, "gpu", 32, "max", True),
     (jnp.float32, 4, 32, 130, "tpu", 128, "mean", True),
     (jnp.float32, 4, 64, 200, "tpu", 128, "max", False),
+    (jnp.float32, 4, 64, 150, "gpu", 32, "max", True),  # 256 rows: two GPU row blocks
     (jnp.float32, 1, 32, 150, "gpu", 16, "mean", False),
     (jnp.bfloat16, 4, 64, 257, "gpu", 64, "mean", False),
     (jnp.bfloat16, 2, 32, 384, "tpu", 128, "max", True),
@@ -168,7 +169,8 @@ LOWERED_AS = {"gpu": ("cuda", "__gpu$xla.gpu.triton"), "tpu": ("tpu", "tpu_custo
 
 
 @pytest.mark.parametrize("target", ["gpu", "tpu"])
-@pytest.mark.parametrize("L,N,K,H,S,reduce", [(32, 32, 8, 128, 8192, "mean"), (1, 8, 8, 64, 1000, "max")])
+@pytest.mark.parametrize("L,N,K,H,S,reduce", [(32, 32, 8, 128, 8192, "mean"), (1, 8, 8, 64, 1000, "max"),
+                                                  (128, 16, 4, 128, 2048, "max")])
 def test_kernels_lower_for_the_hardware(target, L, N, K, H, S, reduce):
     """Cross-platform lowering on CPU runs Pallas' Triton / Mosaic TPU lowering, with their block-shape
     checks (powers of two for Triton; (8, 128)-divisible or full dims for TPU). Only the final

@@ -13,9 +13,10 @@ Masks are folded into two int32 vectors: a key's position (INT_MAX when invalid 
 - "tpu": grid (B, K, S / block_s), S innermost and sequential ("arbitrary"), accumulators live in the
   resident output blocks; block shapes obey Mosaic TPU's rule (last two dims multiples of (8, 128) or
   the full dims). Runs on CPU with interpret=True or interpret=pltpu.InterpretParams().
-- "gpu": grid (B, K, n_split) of independent programs (flash-decoding style split over S, so a batch
-  of 1 with 8 KV heads still fills an H100/H200), each looping over its chunk with fori_loop; partial
-  statistics / outputs are combined in jnp. Lowered through Triton (`compiler_params=
+- "gpu": grid (B, K, M / 128, n_split) of independent programs (row blocks of at most 128 rows, so
+  the float32 accumulator fits in registers; a flash-decoding style split over S, so a batch of 1
+  with 8 KV heads still fills an H100/H200), each looping over its chunk with fori_loop; partial
+  statistics, outputs and scores are combined in jnp. Lowered through Triton (`compiler_params=
   pallas.triton.CompilerParams`): power-of-two block shapes, no bool refs. It runs on CPU with
   interpret=True; its Triton lowering has not been run here (no GPU was available).
 """
@@ -37,6 +38,7 @@ INT_MAX = 2 ** 31 - 1
 INT_MIN = -(2 ** 31)
 DEFAULT_BLOCK_S = {"tpu": 512, "gpu": 64}
 GPU_PROGRAMS = 264  # about two waves of programs on a 132-SM H100/H200
+GPU_BLOCK_M = 128  # query rows per GPU program
 
 
 def _round_up(x: int, m: int) -> int:
@@ -168,9 +170,10 @@ def _gpu_probs_kernel(q_ref, k_ref, v_ref, kp_ref, rp_ref, w_ref, m_ref, il_ref,
     o_ref[...] = jax.lax.fori_loop(0, n_inner, body, jnp.zeros(o_ref.shape, jnp.float32))
 
 
-def gpu_split(n_blocks: int, batch_heads: int) -> tuple[int, int]:
-    """(n_split, n_inner): chunks per (b, k) row and blocks per chunk (a power of two, for Triton)."""
-    want = max(1, min(n_blocks, -(-GPU_PROGRAMS // batch_heads)))
+def gpu_split(n_blocks: int, programs: int) -> tuple[int, int]:
+    """(n_split, n_inner): S chunks per (b, k, row block) and blocks per chunk (a power of two, for
+    Triton), so that programs * n_split fills the GPU about twice."""
+    want = max(1, min(n_blocks, -(-GPU_PROGRAMS // programs)))
     n_inner = _next_pow2(-(-n_blocks // want))
     return -(-n_blocks // n_inner), n_inner
 
@@ -178,16 +181,18 @@ def gpu_split(n_blocks: int, batch_heads: int) -> tuple[int, int]:
 def _run_gpu(qg, kp, rp, w, keys, values, *, scale, reduce, block_s, n_inner, interpret):
     B, K, Mp, Hp = qg.shape
     Sp = keys.shape[2]
+    bm = min(Mp, GPU_BLOCK_M)  # rows per program: the [bm, Hp] float32 accumulator lives in registers
+    n_rb = Mp // bm
     chunk = n_inner * block_s
     ns = Sp // chunk
-    grid = (B, K, ns)
-    q_spec = pl.BlockSpec((None, None, Mp, Hp), lambda b, k, i: (b, k, 0, 0))
-    kv_spec = pl.BlockSpec((None, None, chunk, Hp), lambda b, k, i: (b, k, i, 0))
-    kp_spec = pl.BlockSpec((None, None, chunk), lambda b, k, i: (b, k, i))
-    row_spec = pl.BlockSpec((None, Mp), lambda b, k, i: (b, 0))
-    part_spec = pl.BlockSpec((None, None, None, Mp), lambda b, k, i: (b, k, i, 0))
-    stat_spec = pl.BlockSpec((None, None, Mp), lambda b, k, i: (b, k, 0))
-    params = pltriton.CompilerParams(num_warps=4, num_stages=2)
+    grid = (B, K, n_rb, ns)
+    q_spec = pl.BlockSpec((None, None, bm, Hp), lambda b, k, r, i: (b, k, r, 0))
+    kv_spec = pl.BlockSpec((None, None, chunk, Hp), lambda b, k, r, i: (b, k, i, 0))
+    kp_spec = pl.BlockSpec((None, None, chunk), lambda b, k, r, i: (b, k, i))
+    row_spec = pl.BlockSpec((None, bm), lambda b, k, r, i: (b, r))
+    part_spec = pl.BlockSpec((None, None, None, bm), lambda b, k, r, i: (b, k, i, r))
+    stat_spec = pl.BlockSpec((None, None, bm), lambda b, k, r, i: (b, k, r))
+    params = pltriton.CompilerParams(num_warps=8 if bm * Hp >= 128 * 128 else 4, num_stages=2)
     kw = dict(scale=scale, block_s=block_s, n_inner=n_inner)
     part_shape = jax.ShapeDtypeStruct((B, K, ns, Mp), jnp.float32)
     m_part, l_part = pl.pallas_call(
@@ -201,12 +206,14 @@ def _run_gpu(qg, kp, rp, w, keys, values, *, scale, reduce, block_s, n_inner, in
     acc, scores = pl.pallas_call(
         functools.partial(_gpu_probs_kernel, reduce=reduce, **kw), grid=grid,
         in_specs=[q_spec, kv_spec, kv_spec, kp_spec, row_spec, row_spec, stat_spec, stat_spec],
-        out_specs=[pl.BlockSpec((None, None, None, Mp, Hp), lambda b, k, i: (b, k, i, 0, 0)), kp_spec],
+        out_specs=[pl.BlockSpec((None, None, None, bm, Hp), lambda b, k, r, i: (b, k, i, r, 0)),
+                   pl.BlockSpec((None, None, None, chunk), lambda b, k, r, i: (b, k, r, i))],
         out_shape=[jax.ShapeDtypeStruct((B, K, ns, Mp, Hp), jnp.float32),
-                   jax.ShapeDtypeStruct((B, K, Sp), jnp.float32)],
+                   jax.ShapeDtypeStruct((B, K, n_rb, Sp), jnp.float32)],
         compiler_params=params, interpret=interpret, name="suffix_attention_probs",
     )(qg, keys, values, kp, rp, w, m, inv_l)
-    return acc.sum(2), scores
+    # per-row-block partial scores: sums (mean) or maxima (max) over disjoint rows
+    return acc.sum(2), (scores.sum(2) if reduce == "mean" else scores.max(2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,7 +252,7 @@ def suffix_attention_pallas(q, q_pos, keys, values, key_pos, key_valid, score_ma
         Mp, Hp = _round_up(M, 8), H
     n_blocks = -(-S // block_s)
     if target == "gpu":
-        n_split, n_inner = gpu_split(n_blocks, B * K)
+        n_split, n_inner = gpu_split(n_blocks, B * K * max(1, Mp // GPU_BLOCK_M))
         Sp = n_split * n_inner * block_s
     else:
         Sp = n_blocks * block_s
