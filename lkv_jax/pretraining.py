@@ -1,15 +1,17 @@
-"""Training a small causal LM from scratch: the weighted next-token loss, an AdamW step, a length
-curriculum and resumable checkpoints. Used for the project's tiny target model (experiments/train_tiny_target.py).
+"""Training a small causal LM from scratch: the weighted next-token loss, an AdamW step, a length curriculum and
+resumable checkpoints. Used for the project's tiny target model (experiments/train_tiny_target.py).
 
-The curriculum is a list of stages (sequence length, steps, peak learning rate, batch); the learning rate
-warms up at the start and is lowered at each step up in length, which keeps a tiny model from losing what it
-learnt on short sequences when the copies get longer. Checkpoints are plain `.npz` files of the parameter
-and optimizer leaves (no pickle) plus a JSON note of the step, written often so a killed run continues.
+The curriculum is a list of stages (sequence length, steps, learning rate, batch); the learning rate warms up
+at the start, stays constant within a stage and is lowered at each step up in length, which keeps a tiny model
+from losing what it learnt on short sequences when the copies get longer. Checkpoints are plain `.npz` files
+of the parameter and optimizer leaves (no pickle) plus a JSON note of the step, written often so a killed run
+continues.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -81,18 +83,42 @@ def parse_curriculum(text: str) -> tuple[Stage, ...]:
 
 def learning_rate(stages: tuple[Stage, ...], step: int, warmup: int) -> tuple[Stage, float]:
     """The stage a global step falls in and its learning rate: linear warmup over the first `warmup` steps
-    of the run (and a short re-warmup of warmup // 4 steps at each stage start), cosine decay to 10% of the
-    stage's peak at its end."""
+    of the run (and a short re-warmup of warmup // 4 steps at each later stage), then the stage's constant
+    rate, with a linear decay to half of it over the last 20% of the last stage."""
     start = 0
     for i, st in enumerate(stages):
         if step < start + st.steps or i == len(stages) - 1:
             k = min(step - start, st.steps - 1)
             w = warmup if i == 0 else max(warmup // 4, 1)
-            ramp = min(1.0, (k + 1) / w)
-            decay = 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * k / max(st.steps - 1, 1)))
-            return st, float(st.lr * ramp * decay)
+            lr = st.lr * min(1.0, (k + 1) / w)
+            if i == len(stages) - 1:
+                tail = max(int(0.2 * st.steps), 1)
+                lr *= 1.0 - 0.5 * max(0, k - (st.steps - tail)) / tail
+            return st, float(lr)
         start += st.steps
     raise AssertionError("unreachable")
+
+
+def _loss(graphdef, params, ids, weights):
+    return weighted_lm_loss(nnx.merge(graphdef, params), ids, weights)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "tx"), donate_argnums=(1, 2))
+def _train_step(graphdef, params, opt_state, ids, weights, lr, *, tx):
+    opt_state[1].hyperparams["learning_rate"] = lr
+    (loss, (acc, _)), grads = jax.value_and_grad(_loss, argnums=1, has_aux=True)(graphdef, params, ids, weights)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, acc
+
+
+_eval_loss = jax.jit(_loss, static_argnames=("graphdef",))
+
+
+@functools.cache
+def _optimizer(weight_decay: float, clip: float) -> optax.GradientTransformation:
+    # cached so trainers of the same settings share one (hashable, static) optimizer and its compilations
+    return optax.chain(optax.clip_by_global_norm(clip),
+                       optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3, b2=0.98, weight_decay=weight_decay))
 
 
 class Trainer:
@@ -101,23 +127,9 @@ class Trainer:
 
     def __init__(self, model: Transformer, *, weight_decay: float = 0.01, clip: float = 1.0):
         self.graphdef, self.params = nnx.split(model, nnx.Param)
-        self.tx = optax.chain(optax.clip_by_global_norm(clip),
-                              optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3, b2=0.98,
-                                                                    weight_decay=weight_decay))
+        self.tx = _optimizer(float(weight_decay), float(clip))
         self.opt_state = self.tx.init(self.params)
         self.step = 0
-
-        def loss_fn(params, ids, weights):
-            return weighted_lm_loss(nnx.merge(self.graphdef, params), ids, weights)
-
-        def train_step(params, opt_state, ids, weights, lr):
-            opt_state[1].hyperparams["learning_rate"] = lr
-            (loss, (acc, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, ids, weights)
-            updates, opt_state = self.tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss, acc
-
-        self._step = jax.jit(train_step, donate_argnums=(0, 1))
-        self._eval = jax.jit(loss_fn)
 
     @property
     def model(self) -> Transformer:
@@ -125,14 +137,15 @@ class Trainer:
 
     def train_step(self, ids: np.ndarray, weights: np.ndarray, lr: float) -> tuple[float, float]:
         """One update on ids int [B, T+1] / weights [B, T+1]; returns (loss, weighted token accuracy)."""
-        self.params, self.opt_state, loss, acc = self._step(self.params, self.opt_state, jnp.asarray(ids),
-                                                            jnp.asarray(weights), jnp.float32(lr))
+        self.params, self.opt_state, loss, acc = _train_step(self.graphdef, self.params, self.opt_state,
+                                                             jnp.asarray(ids), jnp.asarray(weights), jnp.float32(lr),
+                                                             tx=self.tx)
         self.step += 1
         return float(loss), float(acc)
 
     def evaluate(self, ids: np.ndarray, weights: np.ndarray) -> dict[str, float]:
         """Teacher-forced loss, answer-token accuracy and the fraction of rows with every answer token right."""
-        loss, (acc, rows) = self._eval(self.params, jnp.asarray(ids), jnp.asarray(weights))
+        loss, (acc, rows) = _eval_loss(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray(weights))
         return {"loss": float(loss), "token_acc": float(acc), "row_exact": float(jnp.mean(rows))}
 
     # -------------------------------------------------------------------------------- checkpoints

@@ -19,7 +19,7 @@ from lkv_jax.models.transformer import Transformer
 
 ASSET_DIR = Path(__file__).parent / "assets" / "tiny_target"
 # length:steps:peak_lr:batch; the lr drops at each step up in length (see lkv_jax.pretraining)
-DEFAULT_CURRICULUM = "128:700:3e-3:16,256:600:2e-3:8,512:600:1.5e-3:4,1024:700:1e-3:2"
+DEFAULT_CURRICULUM = "128:800:3e-3:16,256:600:2e-3:8,512:500:1.5e-3:4,1024:600:1e-3:2"
 EVAL_TASKS = tuple(TASKS)
 
 

@@ -208,8 +208,24 @@ def test_training_stream_supervises_exactly_the_answers():
             assert answer == (truth if end < len(words) else truth[:len(answer)])
             expected[colon + 1:end + 1] = 1.0
             kinds[words[i + 1]] += 1
-        np.testing.assert_array_equal(w, expected)  # supervised: exactly the answers and their EOS
-    assert set(kinds) == {"key", "keys", "all", "chain", "list", "top"}
+        # the other supervised words are repeats of earlier value-word spans, word for word from the span start
+        rest = (w > 0) & (expected == 0)
+        j = 0
+        while j < len(words):
+            if not rest[j]:
+                j += 1
+                continue
+            k = j
+            while k < len(words) and rest[k]:
+                k += 1
+            copy = words[j - 1:k]  # the unsupervised first word, then the supervised ones
+            assert all(x in VALUES for x in copy[:-1]) and copy[-1] in VALUES + (".",)
+            assert any(words[i:i + len(copy)] == copy for i in range(j - 1 - len(copy) + 1)), copy
+            kinds["copy"] += 1
+            expected[j:k] = 1.0
+            j = k
+        np.testing.assert_array_equal(w, expected)  # supervised: exactly the answers (+ EOS) and the copies
+    assert set(kinds) == {"key", "keys", "all", "chain", "list", "top", "copy"}
 
 
 # ---------------------------------------------------------------------------------- metrics

@@ -2,11 +2,13 @@
 
 A sparse loss (one short answer after a long prompt) leaves a tiny model on a plateau, and copies at a fixed
 distance teach a positional shortcut instead of retrieval. So a training sequence is a stream of records
-(`key`, multi-value `key`, `var` chains, `tag` lists) and filler sentences, with questions about records
-seen earlier inserted all along it (associative recall at random distances); the loss is on every answer
-token and its EOS. A fraction of sequences are frequent-word streams with `? top :` questions instead.
-The questions and answers are written exactly as `lkv_jax.data.synthetic` writes them, so the benchmark's
-prompts are in distribution.
+(`key`, multi-value `key`, `var` chains, `tag` lists) and filler sentences, with questions about records seen
+earlier inserted all along it (associative recall at random distances); the loss is on every answer token and
+its EOS. Spans of random value words are also repeated verbatim later in the stream, with the loss on every
+repeated word after the first: plain copies at random distances, from which induction heads form fastest
+(without them a tiny model sat on a plateau for hundreds of steps). A fraction of sequences are frequent-word
+streams with `? top :` questions instead. The questions and answers are written exactly as
+`lkv_jax.data.synthetic` writes them, so the benchmark's prompts are in distribution.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ class _Stream:
         self.words += w
         self.weights += [0.0] * len(w)
 
+    def copy(self, span: str) -> None:
+        """Repeat an earlier span: its first word cannot be predicted, every later one can."""
+        w = span.split()
+        self.words += w
+        self.weights += [0.0] + [1.0] * (len(w) - 1)
+
     def answer(self, question: str, target: str) -> None:
         self.context(question)
         w = target.split() + ["<eos>"]
@@ -49,18 +57,25 @@ def _record_stream(rng: np.random.Generator, n_words: int) -> _Stream:
     multi: dict[str, list[str]] = {}  # key -> values in context order
     chains: list[list[str]] = []  # [root value, X1, X2, ...]
     tagged: dict[str, list[str]] = {t: [] for t in tags}
+    spans: list[str] = []
     while len(s.words) < n_words:
         r = rng.random()
         if r < p_filler:
             s.context(" ".join(filler_sentence(rng)))
             continue
         questions = _questions(single, multi, chains, tagged)
+        if spans and rng.random() < p_question * 0.5:
+            s.copy(spans[int(rng.integers(0, len(spans)))])
+            continue
         if questions and rng.random() < p_question:
             kind = questions[int(rng.integers(0, len(questions)))]
             s.answer(*_ask(rng, kind, single, multi, chains, tagged))
             continue
-        kind = rng.choice(["key", "multi", "var", "tag"], p=[0.35, 0.15, 0.25, 0.25])
-        if kind == "key" and free_names:
+        kind = rng.choice(["key", "multi", "var", "tag", "span"], p=[0.3, 0.12, 0.2, 0.2, 0.18])
+        if kind == "span":
+            spans.append(value_words(rng, int(rng.integers(5, 17))) + " .")
+            s.context(spans[-1])
+        elif kind == "key" and free_names:
             k, v = free_names.pop(), value_words(rng, int(rng.integers(3, 6)))
             single[k] = v
             s.context(key_record(k, v))

@@ -1,0 +1,80 @@
+"""The tiny-target training pieces (loss, schedule, resumable checkpoints) and the shipped model."""
+
+import json
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from lkv_jax.models.transformer import Transformer
+from lkv_jax.pretraining import Stage, Trainer, learning_rate, parse_curriculum, small_llama_config, weighted_lm_loss
+
+
+def _tiny(seed=0):
+    return Transformer(small_llama_config(100, hidden_size=64, num_layers=2), rngs=nnx.Rngs(seed))
+
+
+def test_weighted_loss_matches_numpy():
+    from lkv_jax.generation import forward
+
+    model = _tiny()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 100, (2, 9)).astype(np.int32)
+    w = (rng.random((2, 9)) < 0.5).astype(np.float32)
+    w[:, 0] = 0
+    loss, (acc, rows) = weighted_lm_loss(model, ids, w)
+    logits = np.asarray(forward(model, ids[:, :-1]), np.float64)  # the chunked inference path, not the dense one
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+        -1, keepdims=True)
+    nll = -np.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(float(loss), (nll * w[:, 1:]).sum() / w[:, 1:].sum(), rtol=1e-4)
+    hit = logits.argmax(-1) == ids[:, 1:]
+    np.testing.assert_allclose(float(acc), (hit * w[:, 1:]).sum() / w[:, 1:].sum(), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(rows), (hit | (w[:, 1:] == 0)).all(-1))
+
+
+def test_curriculum_and_learning_rate_by_hand():
+    stages = parse_curriculum("128:10:1e-3:4,256:20:5e-4:2")
+    assert stages == (Stage(128, 10, 1e-3, 4), Stage(256, 20, 5e-4, 2))
+    st, lr = learning_rate(stages, 0, warmup=4)
+    assert st.length == 128 and lr == pytest.approx(1e-3 * 0.25)  # warmup: 1/4 of the rate at the first step
+    assert learning_rate(stages, 3, warmup=4)[1] == pytest.approx(1e-3)
+    assert learning_rate(stages, 9, warmup=4)[1] == pytest.approx(1e-3)  # constant within a stage
+    st, lr = learning_rate(stages, 10, warmup=4)
+    assert st.length == 256 and lr == pytest.approx(5e-4)  # lowered at the step up (re-warmup of 1 step)
+    assert learning_rate(stages, 25, warmup=4)[1] == pytest.approx(5e-4)  # last stage: 20% tail = 4 steps
+    assert learning_rate(stages, 29, warmup=4)[1] == pytest.approx(5e-4 * (1 - 0.5 * 3 / 4))
+    assert learning_rate(stages, 99, warmup=4)[1] == pytest.approx(5e-4 * (1 - 0.5 * 3 / 4))  # past the end
+    with pytest.raises(ValueError, match="length:steps:lr:batch"):
+        parse_curriculum("128:10")
+
+
+def test_checkpoint_resume_continues_identically(tmp_path):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 100, (2, 17)).astype(np.int32)
+    w = np.ones((2, 17), np.float32)
+    a = Trainer(_tiny())
+    a.train_step(ids, w, 1e-2)
+    a.save(tmp_path / "ck", {"note": 1})
+    b = Trainer(_tiny(seed=5))
+    assert json.loads((tmp_path / "ck.json").read_text()) == {"step": 1, "note": 1}
+    assert b.restore(tmp_path / "ck")["step"] == 1 and b.step == 1
+    la, lb = a.train_step(ids, w, 1e-2), b.train_step(ids, w, 1e-2)
+    assert la == lb  # same parameters and Adam moments after the restore
+    assert Trainer(_tiny()).restore(tmp_path / "missing") is None
+    with pytest.raises(ValueError, match="does not match"):
+        Trainer(Transformer(small_llama_config(100, hidden_size=32, num_layers=2), rngs=nnx.Rngs(0))).restore(
+            tmp_path / "ck")
+
+
+def test_training_reduces_the_loss():
+    from lkv_jax.data.training_stream import training_batch
+    from lkv_jax.data.vocab import builtin_vocab
+
+    v = builtin_vocab()
+    tr = Trainer(Transformer(small_llama_config(len(v), hidden_size=64, num_layers=2), rngs=nnx.Rngs(0)))
+    ids, w = training_batch(np.random.default_rng(0), 4, 64, v)
+    before = tr.evaluate(ids, w)["loss"]
+    for _ in range(15):
+        tr.train_step(ids, w, 3e-3)
+    assert tr.evaluate(ids, w)["loss"] < before - 0.5
