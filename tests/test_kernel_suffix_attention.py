@@ -187,11 +187,12 @@ def test_kernels_lower_for_the_hardware(target, L, N, K, H, S, reduce):
     assert text.count(f"custom_call @{call}") == 2  # the two passes
 
 
-def test_gpu_split_covers_the_blocks_with_power_of_two_chunks():
-    for n_blocks, bh in [(1, 8), (128, 8), (512, 8), (2048, 8), (7, 1), (300, 64)]:
-        n_split, n_inner = gpu_split(n_blocks, bh)
-        assert n_inner & (n_inner - 1) == 0
-        assert n_split * n_inner >= n_blocks > (n_split - 1) * n_inner
+def test_gpu_split_tiles_whole_blocks():
+    for n_blocks, programs in [(1, 8), (128, 8), (512, 8), (513, 8), (2048, 8), (527, 8), (7, 1), (300, 64)]:
+        n_split, n_inner = gpu_split(n_blocks, programs)
+        assert n_split >= 1 and n_split * n_inner <= n_blocks
+        assert n_blocks - n_split * n_inner < n_inner  # what is left over is less than one chunk
+    assert gpu_split(512, 8) == (32, 16)  # a power-of-two cache: no tail at all
 
 
 def test_bad_inputs_raise():

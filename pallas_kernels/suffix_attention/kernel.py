@@ -13,6 +13,9 @@ Masks are folded into two int32 vectors: a key's position (INT_MAX when invalid 
 - "tpu": grid (B, K, S / block_s), S innermost and sequential ("arbitrary"), accumulators live in the
   resident output blocks; block shapes obey Mosaic TPU's rule (last two dims multiples of (8, 128) or
   the full dims). Runs on CPU with interpret=True or interpret=pltpu.InterpretParams().
+The kernels cover whole blocks read in place from the unpadded cache (never a padded copy); the last
+S % block keys (GPU: the keys after the last whole chunk) are merged in jnp with the same statistics.
+
 - "gpu": grid (B, K, M / 128, n_split) of independent programs (row blocks of at most 128 rows, so
   the float32 accumulator fits in registers; a flash-decoding style split over S, so a batch of 1
   with 8 KV heads still fills an H100/H200), each looping over its chunk with fori_loop; partial
@@ -104,30 +107,43 @@ def _tpu_probs_kernel(q_ref, k_ref, v_ref, kp_ref, rp_ref, w_ref, m_ref, il_ref,
     o_ref[...] += jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
 
-def _run_tpu(qg, kp, rp, w, keys, values, *, scale, reduce, block_s, interpret):
+def _tpu_specs(Mp, Hp, block_s):
+    return dict(
+        q=pl.BlockSpec((None, None, Mp, Hp), lambda b, k, j: (b, k, 0, 0)),
+        kv=pl.BlockSpec((None, None, block_s, Hp), lambda b, k, j: (b, k, j, 0)),
+        kp=pl.BlockSpec((None, None, 1, block_s), lambda b, k, j: (b, k, 0, j)),
+        row=pl.BlockSpec((None, Mp, 1), lambda b, k, j: (b, 0, 0)),
+        stat=pl.BlockSpec((None, None, Mp, 1), lambda b, k, j: (b, k, 0, 0)))
+
+
+_TPU_PARAMS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+
+
+def _tpu_stats(qg, keys, kp, rp, *, n_blocks, scale, block_s, interpret):
+    """Pass 1 over the first n_blocks S blocks: (m, l) float32 [B, K, Mp]."""
     B, K, Mp, Hp = qg.shape
-    Sp = keys.shape[2]
-    grid = (B, K, Sp // block_s)
-    q_spec = pl.BlockSpec((None, None, Mp, Hp), lambda b, k, j: (b, k, 0, 0))
-    kv_spec = pl.BlockSpec((None, None, block_s, Hp), lambda b, k, j: (b, k, j, 0))
-    kp_spec = pl.BlockSpec((None, None, 1, block_s), lambda b, k, j: (b, k, 0, j))
-    row_spec = pl.BlockSpec((None, Mp, 1), lambda b, k, j: (b, 0, 0))
-    stat_spec = pl.BlockSpec((None, None, Mp, 1), lambda b, k, j: (b, k, 0, 0))
-    params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
-    stat_shape = jax.ShapeDtypeStruct((B, K, Mp, 1), jnp.float32)
+    sp = _tpu_specs(Mp, Hp, block_s)
+    shape = jax.ShapeDtypeStruct((B, K, Mp, 1), jnp.float32)
     m, l = pl.pallas_call(
-        functools.partial(_tpu_stats_kernel, scale=scale), grid=grid,
-        in_specs=[q_spec, kv_spec, kp_spec, row_spec], out_specs=[stat_spec, stat_spec],
-        out_shape=[stat_shape, stat_shape], compiler_params=params, interpret=interpret,
-        name="suffix_attention_stats")(qg, keys, kp, rp)
-    inv_l = 1.0 / jnp.maximum(l, 1e-30)
+        functools.partial(_tpu_stats_kernel, scale=scale), grid=(B, K, n_blocks),
+        in_specs=[sp["q"], sp["kv"], sp["kp"], sp["row"]], out_specs=[sp["stat"], sp["stat"]],
+        out_shape=[shape, shape], compiler_params=_TPU_PARAMS, interpret=interpret,
+        name="suffix_attention_stats")(qg, keys, kp[:, :, None, :], rp[:, :, None])
+    return m[..., 0], l[..., 0]
+
+
+def _tpu_probs(qg, keys, values, kp, rp, w, m, inv_l, *, n_blocks, scale, reduce, block_s, interpret):
+    """Pass 2 over the first n_blocks S blocks: out float32 [B, K, Mp, Hp], scores [B, K, n_blocks * block_s]."""
+    B, K, Mp, Hp = qg.shape
+    sp = _tpu_specs(Mp, Hp, block_s)
     out, scores = pl.pallas_call(
-        functools.partial(_tpu_probs_kernel, scale=scale, reduce=reduce), grid=grid,
-        in_specs=[q_spec, kv_spec, kv_spec, kp_spec, row_spec, row_spec, stat_spec, stat_spec],
-        out_specs=[q_spec, kp_spec],
-        out_shape=[jax.ShapeDtypeStruct((B, K, Mp, Hp), jnp.float32), jax.ShapeDtypeStruct((B, K, 1, Sp), jnp.float32)],
-        compiler_params=params, interpret=interpret, name="suffix_attention_probs",
-    )(qg, keys, values, kp, rp, w, m, inv_l)
+        functools.partial(_tpu_probs_kernel, scale=scale, reduce=reduce), grid=(B, K, n_blocks),
+        in_specs=[sp["q"], sp["kv"], sp["kv"], sp["kp"], sp["row"], sp["row"], sp["stat"], sp["stat"]],
+        out_specs=[sp["q"], sp["kp"]],
+        out_shape=[jax.ShapeDtypeStruct((B, K, Mp, Hp), jnp.float32),
+                   jax.ShapeDtypeStruct((B, K, 1, n_blocks * block_s), jnp.float32)],
+        compiler_params=_TPU_PARAMS, interpret=interpret, name="suffix_attention_probs",
+    )(qg, keys, values, kp[:, :, None, :], rp[:, :, None], w[:, :, None], m[..., None], inv_l[..., None])
     return out, scores[:, :, 0]
 
 
@@ -171,48 +187,62 @@ def _gpu_probs_kernel(q_ref, k_ref, v_ref, kp_ref, rp_ref, w_ref, m_ref, il_ref,
 
 
 def gpu_split(n_blocks: int, programs: int) -> tuple[int, int]:
-    """(n_split, n_inner): S chunks per (b, k, row block) and blocks per chunk (a power of two, for
-    Triton), so that programs * n_split fills the GPU about twice."""
+    """(n_split, n_inner) for n_blocks >= 1 whole S blocks: S chunks per (b, k, row block) and blocks per
+    chunk, so that programs * n_split fills the GPU about twice; n_split * n_inner <= n_blocks, the
+    chunk size chosen to leave the fewest blocks over (they go to the jnp tail)."""
     want = max(1, min(n_blocks, -(-GPU_PROGRAMS // programs)))
-    n_inner = _next_pow2(-(-n_blocks // want))
-    return -(-n_blocks // n_inner), n_inner
+    base = -(-n_blocks // want)
+    n_inner = min(range(base, 2 * base), key=lambda c: (n_blocks % c, c))
+    return n_blocks // n_inner, n_inner
 
 
-def _run_gpu(qg, kp, rp, w, keys, values, *, scale, reduce, block_s, n_inner, interpret):
+def _gpu_specs(bm, Hp, chunk):
+    return dict(
+        q=pl.BlockSpec((None, None, bm, Hp), lambda b, k, r, i: (b, k, r, 0)),
+        kv=pl.BlockSpec((None, None, chunk, Hp), lambda b, k, r, i: (b, k, i, 0)),
+        kp=pl.BlockSpec((None, None, chunk), lambda b, k, r, i: (b, k, i)),
+        row=pl.BlockSpec((None, bm), lambda b, k, r, i: (b, r)),
+        part=pl.BlockSpec((None, None, None, bm), lambda b, k, r, i: (b, k, i, r)),
+        stat=pl.BlockSpec((None, None, bm), lambda b, k, r, i: (b, k, r)),
+        out=pl.BlockSpec((None, None, None, bm, Hp), lambda b, k, r, i: (b, k, i, r, 0)),
+        scores=pl.BlockSpec((None, None, None, chunk), lambda b, k, r, i: (b, k, r, i)))
+
+
+def _gpu_params(bm, Hp):
+    return pltriton.CompilerParams(num_warps=8 if bm * Hp >= 128 * 128 else 4, num_stages=2)
+
+
+def _gpu_stats(qg, keys, kp, rp, *, n_split, n_inner, scale, block_s, interpret):
+    """Pass 1 over the first n_split * n_inner S blocks: (m, l) float32 [B, K, Mp]."""
     B, K, Mp, Hp = qg.shape
-    Sp = keys.shape[2]
     bm = min(Mp, GPU_BLOCK_M)  # rows per program: the [bm, Hp] float32 accumulator lives in registers
-    n_rb = Mp // bm
-    chunk = n_inner * block_s
-    ns = Sp // chunk
-    grid = (B, K, n_rb, ns)
-    q_spec = pl.BlockSpec((None, None, bm, Hp), lambda b, k, r, i: (b, k, r, 0))
-    kv_spec = pl.BlockSpec((None, None, chunk, Hp), lambda b, k, r, i: (b, k, i, 0))
-    kp_spec = pl.BlockSpec((None, None, chunk), lambda b, k, r, i: (b, k, i))
-    row_spec = pl.BlockSpec((None, bm), lambda b, k, r, i: (b, r))
-    part_spec = pl.BlockSpec((None, None, None, bm), lambda b, k, r, i: (b, k, i, r))
-    stat_spec = pl.BlockSpec((None, None, bm), lambda b, k, r, i: (b, k, r))
-    params = pltriton.CompilerParams(num_warps=8 if bm * Hp >= 128 * 128 else 4, num_stages=2)
-    kw = dict(scale=scale, block_s=block_s, n_inner=n_inner)
-    part_shape = jax.ShapeDtypeStruct((B, K, ns, Mp), jnp.float32)
+    sp = _gpu_specs(bm, Hp, n_inner * block_s)
+    shape = jax.ShapeDtypeStruct((B, K, n_split, Mp), jnp.float32)
     m_part, l_part = pl.pallas_call(
-        functools.partial(_gpu_stats_kernel, **kw), grid=grid,
-        in_specs=[q_spec, kv_spec, kp_spec, row_spec], out_specs=[part_spec, part_spec],
-        out_shape=[part_shape, part_shape], compiler_params=params, interpret=interpret,
-        name="suffix_attention_stats")(qg, keys, kp, rp)
+        functools.partial(_gpu_stats_kernel, scale=scale, block_s=block_s, n_inner=n_inner),
+        grid=(B, K, Mp // bm, n_split), in_specs=[sp["q"], sp["kv"], sp["kp"], sp["row"]],
+        out_specs=[sp["part"], sp["part"]], out_shape=[shape, shape], compiler_params=_gpu_params(bm, Hp),
+        interpret=interpret, name="suffix_attention_stats")(qg, keys, kp, rp)
     m = m_part.max(2)
-    l = (l_part * jnp.exp(m_part - m[:, :, None])).sum(2)
-    inv_l = 1.0 / jnp.maximum(l, 1e-30)
+    return m, (l_part * jnp.exp(m_part - m[:, :, None])).sum(2)
+
+
+def _gpu_probs(qg, keys, values, kp, rp, w, m, inv_l, *, n_split, n_inner, scale, reduce, block_s, interpret):
+    """Pass 2 over the first n_split * n_inner S blocks: out float32 [B, K, Mp, Hp], scores [B, K, S_main]."""
+    B, K, Mp, Hp = qg.shape
+    bm = min(Mp, GPU_BLOCK_M)
+    chunk = n_inner * block_s
+    sp = _gpu_specs(bm, Hp, chunk)
     acc, scores = pl.pallas_call(
-        functools.partial(_gpu_probs_kernel, reduce=reduce, **kw), grid=grid,
-        in_specs=[q_spec, kv_spec, kv_spec, kp_spec, row_spec, row_spec, stat_spec, stat_spec],
-        out_specs=[pl.BlockSpec((None, None, None, bm, Hp), lambda b, k, r, i: (b, k, i, r, 0)),
-                   pl.BlockSpec((None, None, None, chunk), lambda b, k, r, i: (b, k, r, i))],
-        out_shape=[jax.ShapeDtypeStruct((B, K, ns, Mp, Hp), jnp.float32),
-                   jax.ShapeDtypeStruct((B, K, n_rb, Sp), jnp.float32)],
-        compiler_params=params, interpret=interpret, name="suffix_attention_probs",
+        functools.partial(_gpu_probs_kernel, scale=scale, reduce=reduce, block_s=block_s, n_inner=n_inner),
+        grid=(B, K, Mp // bm, n_split),
+        in_specs=[sp["q"], sp["kv"], sp["kv"], sp["kp"], sp["row"], sp["row"], sp["stat"], sp["stat"]],
+        out_specs=[sp["out"], sp["scores"]],
+        out_shape=[jax.ShapeDtypeStruct((B, K, n_split, Mp, Hp), jnp.float32),
+                   jax.ShapeDtypeStruct((B, K, Mp // bm, n_split * chunk), jnp.float32)],
+        compiler_params=_gpu_params(bm, Hp), interpret=interpret, name="suffix_attention_probs",
     )(qg, keys, values, kp, rp, w, m, inv_l)
-    # per-row-block partial scores: sums (mean) or maxima (max) over disjoint rows
+    # partial results over disjoint S chunks (outputs) and disjoint row blocks (scores)
     return acc.sum(2), (scores.sum(2) if reduce == "mean" else scores.max(2))
 
 
@@ -228,6 +258,13 @@ def check_block_s(block_s: int, target: str) -> None:
         raise ValueError(f"block_s must be a power of two >= 16 for the GPU kernel, got {block_s}")
 
 
+def _tail_logits(qg, keys_t, kp_t, rp, scale):
+    """Logits of the last S % unit keys (handled in jnp, so the big arrays are never padded = copied)."""
+    s = jnp.einsum("bkmh,bksh->bkms", qg, keys_t, preferred_element_type=jnp.float32) * scale
+    mask = kp_t[:, :, None, :] <= rp[:, None, :, None]
+    return jnp.where(mask, s, NEG), mask
+
+
 def suffix_attention_pallas(q, q_pos, keys, values, key_pos, key_valid, score_mask, *, reduce: str = "mean",
                             interpret=False, block_s: int | None = None, target: str = "tpu"):
     """Pallas suffix attention (same contract as the reference; inputs already validated).
@@ -235,6 +272,9 @@ def suffix_attention_pallas(q, q_pos, keys, values, key_pos, key_valid, score_ma
     q [B, L, N, H]; q_pos int32 [B, L]; keys/values [B, K, S, H]; key_pos int32 [B, K, S];
     key_valid bool [B, K, S]; score_mask bool [B, L]. Returns out [B, L, N, H] in q.dtype and scores
     float32 [B, K, S]. `target` picks the driver ("tpu" or "gpu"), `interpret` runs it on CPU.
+    The kernels cover the first S_main keys (whole blocks, or whole chunks of blocks on GPU), read in
+    place from the unpadded cache; the remaining S - S_main keys are merged in jnp (exactly: same
+    statistics, same normalisation), which is cheaper than copying the cache into a padded array.
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
@@ -250,29 +290,51 @@ def suffix_attention_pallas(q, q_pos, keys, values, key_pos, key_valid, score_ma
         Mp, Hp = max(16, _next_pow2(M)), max(16, _next_pow2(H))
     else:  # Mosaic TPU: rows a multiple of 8 sublanes; H is a full dim
         Mp, Hp = _round_up(M, 8), H
-    n_blocks = -(-S // block_s)
+    n_blocks = S // block_s
     if target == "gpu":
-        n_split, n_inner = gpu_split(n_blocks, B * K * max(1, Mp // GPU_BLOCK_M))
-        Sp = n_split * n_inner * block_s
+        n_split, n_inner = gpu_split(n_blocks, B * K * max(1, Mp // GPU_BLOCK_M)) if n_blocks else (0, 1)
+        s_main = n_split * n_inner * block_s
     else:
-        Sp = n_blocks * block_s
+        s_main = n_blocks * block_s
 
     qg = q.reshape(B, L, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, M, H)
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, Mp - M), (0, Hp - H)))
-    pad_kv = ((0, 0), (0, 0), (0, Sp - S), (0, Hp - H))
-    keys_p, values_p = jnp.pad(keys, pad_kv), jnp.pad(values, pad_kv)
+    if Hp != H:  # only for head dims that are not powers of two on GPU
+        keys, values = (jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, Hp - H))) for a in (keys, values))
     kp = jnp.where(key_valid, key_pos.astype(jnp.int32), INT_MAX)
-    kp = jnp.pad(kp, ((0, 0), (0, 0), (0, Sp - S)), constant_values=INT_MAX)
     row_l = jnp.arange(Mp) % L
     real = jnp.arange(Mp) < M
     rp = jnp.where(real, q_pos.astype(jnp.int32)[:, row_l], INT_MIN)  # [B, Mp]
     w = jnp.where(real, score_weights(score_mask, G, reduce)[:, row_l], 0.0)
     scale = float(H) ** -0.5
     if target == "tpu":
-        out, scores = _run_tpu(qg, kp[:, :, None, :], rp[:, :, None], w[:, :, None], keys_p, values_p, scale=scale,
-                               reduce=reduce, block_s=block_s, interpret=interpret)
+        kw = dict(n_blocks=n_blocks, scale=scale, block_s=block_s, interpret=interpret)
+        stats, probs = _tpu_stats, _tpu_probs
     else:
-        out, scores = _run_gpu(qg, kp, rp, w, keys_p, values_p, scale=scale, reduce=reduce, block_s=block_s,
-                               n_inner=n_inner, interpret=interpret)
+        kw = dict(n_split=n_split, n_inner=n_inner, scale=scale, block_s=block_s, interpret=interpret)
+        stats, probs = _gpu_stats, _gpu_probs
+
+    m = jnp.full((B, K, Mp), NEG, jnp.float32)
+    l = jnp.zeros((B, K, Mp), jnp.float32)
+    if s_main:
+        m, l = stats(qg, keys, kp, rp, **kw)
+    if s_main < S:
+        s_t, mask_t = _tail_logits(qg, keys[:, :, s_main:], kp[:, :, s_main:], rp, scale)
+        m_new = jnp.maximum(m, s_t.max(-1))
+        l = l * jnp.exp(m - m_new) + jnp.where(mask_t, jnp.exp(s_t - m_new[..., None]), 0.0).sum(-1)
+        m = m_new
+    inv_l = 1.0 / jnp.maximum(l, 1e-30)
+    out = jnp.zeros((B, K, Mp, Hp), jnp.float32)
+    scores = []
+    if s_main:
+        out, sc = probs(qg, keys, values, kp, rp, w, m, inv_l, reduce=reduce, **kw)
+        scores.append(sc)
+    if s_main < S:
+        p_t = jnp.where(mask_t, jnp.exp(s_t - m[..., None]), 0.0) * inv_l[..., None]
+        v_t = values[:, :, s_main:]
+        out = out + jnp.einsum("bkms,bksh->bkmh", p_t.astype(v_t.dtype), v_t, preferred_element_type=jnp.float32)
+        pw = p_t * w[:, None, :, None]
+        scores.append(pw.sum(2) if reduce == "mean" else pw.max(2))
+    scores = scores[0] if len(scores) == 1 else jnp.concatenate(scores, -1)
     out = out[:, :, :M, :H].reshape(B, K, G, L, H).transpose(0, 3, 1, 2, 4).reshape(B, L, N, H)
-    return out.astype(q.dtype), scores[:, :, :S]
+    return out.astype(q.dtype), scores
