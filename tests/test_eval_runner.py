@@ -127,9 +127,12 @@ def test_question_agnostic_full_cache_matches_query_aware_reference(tiny, tmp_pa
     # exactly transformers' generation from context + question
     hf, model, _ = tiny
     task = make_task(hf, n=3, seed=1, name="agn")
-    cfg = EvalConfig(presses=(PressSpec.parse("streamingllm"),), budgets=(1000,), batch_size=2,
-                     mode="question-agnostic", oracle=False, measure_overhead=False)
+    # a press that cannot exist at a budget (more sinks than the budget) is skipped, the grid goes on
+    cfg = EvalConfig(presses=(PressSpec.parse("streamingllm:n_sink=2000"), PressSpec.parse("streamingllm")),
+                     budgets=(1000,), batch_size=2, mode="question-agnostic", oracle=False, measure_overhead=False)
     cells = run_eval(model, [task], cfg, tmp_path, progress=False)
+    assert [c["press"] for c in cells] == ["fullkv", "streamingllm"]
+    assert not (tmp_path / "cells" / "streamingllm_n_sink=2000").exists()
     for c in cells:  # FullKV and a budget above every prompt: both keep everything
         js = json.loads(runner_mod.cell_path(tmp_path, c["press"], c["setting"], "agn").read_text())
         assert js["mode"] == "question-agnostic"

@@ -175,6 +175,7 @@ def plot_scores(cells: list[dict], path) -> Path:
         ax.set_title(task)
         ax.set_xlabel(grid["kind"])
         ax.set_ylabel("score")
+        ax.set_ylim(-3, 103)  # scores are 0-100: a shared scale makes panels comparable
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
@@ -215,6 +216,8 @@ def plot_oracle(cells: list[dict], path) -> Path | None:
     if not any(c.get("oracle") for c in cells):
         return None
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
     x0 = grid["xs"][0]
     for press in grid["presses"]:
@@ -234,6 +237,7 @@ def plot_oracle(cells: list[dict], path) -> Path | None:
     a1.grid(alpha=0.3)
     a1.legend(fontsize=8)
     a2.set_xlabel("layer")
+    a2.xaxis.set_major_locator(MaxNLocator(integer=True))
     a2.set_ylim(0, 1.02)
     a2.set_title(f"per layer at {grid['kind']} {_x_label(grid, x0)}")
     a2.grid(alpha=0.3)
