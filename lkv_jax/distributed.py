@@ -92,7 +92,9 @@ def compress_on_mesh(model, input_ids, press: BasePress, mesh: Mesh, *, attentio
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)  # shardings are given as a pure-dict tree
     fn = _compress_on_mesh_fn(model, graphdef, mesh, prompt.chunk, budgets)
-    return fn(params, press, prompt.ids, prompt.valid, prompt.positions, jnp.asarray(counts, jnp.int32))
+    counts = jnp.asarray(counts, jnp.int32)
+    with jax.set_mesh(mesh):  # the Pallas scoring op runs under shard_map over this mesh
+        return fn(params, press, prompt.ids, prompt.valid, prompt.positions, counts)
 
 
 # -------------------------------------------------------------------------------------------------

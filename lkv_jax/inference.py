@@ -24,6 +24,7 @@ from flax import nnx
 from lkv_jax.attention import attention_with_probs, blockwise_causal_attention, dense_causal_attention
 from lkv_jax.cache import KVCache, write_entries
 from lkv_jax.models.transformer import NO_LORA, LoraContext, Transformer
+from lkv_jax.suffix_scoring import kv_head_scores
 
 DEFAULT_CHUNK = 512
 
@@ -210,7 +211,8 @@ def _reduce_probs(p, score_mask, reduce):
 
 def glimpse_pure(model: Transformer, cache: KVCache, x, *, lora=None, lora_scale: float = 0.0,
                  lora_mask=None, score_mask=None, scores: bool = True, reduce: str | None = "mean",
-                 append: bool = False, logits: bool = True) -> GlimpseOutput:
+                 append: bool = False, logits: bool = True, score_heads: str = "query",
+                 implementation: str | None = None, interpret=False) -> GlimpseOutput:
     """Run a suffix of embeddings x [B, L, D] on top of `cache`, causally among itself.
 
     Positions continue each row's `next_position`. `lora` is a per-layer tuple of projection ->
@@ -218,7 +220,16 @@ def glimpse_pure(model: Transformer, cache: KVCache, x, *, lora=None, lora_scale
     chooses which suffix queries the reduced scores average over (default all).
     append=False: the suffix attends to the cache plus itself and leaves the cache unchanged.
     append=True: the suffix's keys/values are written at the cursor first (decode, SnapKV's window).
+    score_heads="query": scores per query head [B, N, S] (dense jnp attention, differentiable).
+    score_heads="kv" (append=True, reduce "mean"/"max"): scores per KV head [B, K, S], reduced over
+    the queries AND the G heads of each group, by the score-and-evict op
+    (`lkv_jax.suffix_scoring.kv_head_scores`: Pallas on GPU/TPU unless `implementation` says "xla").
     """
+    if score_heads not in ("query", "kv"):
+        raise ValueError(f"score_heads must be 'query' or 'kv', got {score_heads!r}")
+    use_op = scores and score_heads == "kv"
+    if use_op and (not append or reduce not in ("mean", "max")):
+        raise ValueError("score_heads='kv' needs append=True and reduce 'mean' or 'max'")
     B, L, _ = x.shape
     positions = cache.next_position[:, None] + jnp.arange(L)[None]
     if score_mask is None:
@@ -233,13 +244,19 @@ def glimpse_pure(model: Transformer, cache: KVCache, x, *, lora=None, lora_scale
         if append:
             keys[l], values[l], poss[l], valids[l] = write_entries(
                 keys[l], values[l], poss[l], valids[l], cache.cursor[l], k, v, positions, jnp.ones((B, L), bool))
-            mask = valids[l][:, :, None, None, :] & (poss[l][:, :, None, None, :] <= positions[:, None, None, :, None])
-            out, p = attention_with_probs(q, keys[l], values[l], mask)
+        if use_op:
+            out, s_l = kv_head_scores(q, positions, keys[l], values[l], poss[l], valids[l], score_mask,
+                                      reduce=reduce, implementation=implementation, interpret=interpret)
         else:
-            mask = valids[l][:, :, None, None, :]
-            out, p = attention_with_probs(q, keys[l], values[l], mask, extra=(k, v, causal))
+            if append:
+                seen = poss[l][:, :, None, None, :] <= positions[:, None, None, :, None]
+                out, p = attention_with_probs(q, keys[l], values[l], valids[l][:, :, None, None, :] & seen)
+            else:
+                out, p = attention_with_probs(q, keys[l], values[l], valids[l][:, :, None, None, :],
+                                              extra=(k, v, causal))
+            s_l = _reduce_probs(p, score_mask, reduce) if scores else None
         if scores:
-            layer_scores.append(_reduce_probs(p, score_mask, reduce))
+            layer_scores.append(s_l)
         x = layer.finish(x, out, ctx)
     if append:
         cache = KVCache(keys=tuple(keys), values=tuple(values), positions=tuple(poss), valid=tuple(valids),

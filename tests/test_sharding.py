@@ -95,6 +95,16 @@ def test_sharded_compress_keeps_the_same_positions(model, shape):
     np.testing.assert_allclose(np.asarray(out.cache.keys[1]), np.asarray(ref.cache.keys[1]), atol=1e-5)
 
 
+def test_pallas_scoring_inside_shard_map_matches_single_device(model):
+    ids = np.random.RandomState(4).randint(3, 128, size=(4, 40))
+    press = lkv_jax.presses.SnapKVPress(budget=16, window_size=8, implementation="pallas", interpret=True)
+    ref = lkv_jax.compress(model, ids, press)
+    mesh = make_mesh((2, 2, 2))
+    out = compress_on_mesh(shard_model(model, mesh), ids, press, mesh)
+    for a, b in zip(out.kept_positions, ref.kept_positions, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_tensor_parallelism_lowers_per_device_memory():
     cfg = ModelConfig(vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
                       num_attention_heads=8, num_key_value_heads=8, head_dim=32)

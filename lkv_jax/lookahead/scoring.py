@@ -15,10 +15,12 @@ from lkv_jax.inference import GlimpseOutput, glimpse_pure
 from lkv_jax.lookahead.adapter import LookaheadAdapter
 
 
-def lookahead_glimpse(model, cache: KVCache, adapter: LookaheadAdapter, *, append: bool = False) -> GlimpseOutput:
+def lookahead_glimpse(model, cache: KVCache, adapter: LookaheadAdapter, *, append: bool = False,
+                      score_heads: str = "query", implementation: str | None = None, interpret=False) -> GlimpseOutput:
     """Glimpse with the lookahead suffix: embeddings [L, D] broadcast to the cache's batch, LoRA on
     every suffix position. Returns the `GlimpseOutput`; `scores[l]` is float32 [B, N, S_l], the mean
-    over the L lookahead queries of each query head's attention on every cache slot.
+    over the L lookahead queries of each query head's attention on every cache slot (score_heads="kv":
+    [B, K, S_l], also averaged over each KV head's group, by the score-and-evict op; inference only).
     """
     B = cache.next_position.shape[0]
     L, D = adapter.embeddings.shape
@@ -28,7 +30,8 @@ def lookahead_glimpse(model, cache: KVCache, adapter: LookaheadAdapter, *, appen
         raise ValueError(f"adapter has {len(adapter.layers)} layers, the model {model.config.num_hidden_layers}")
     x = jnp.broadcast_to(adapter.embeddings.astype(model.dtype)[None], (B, L, D))
     return glimpse_pure(model, cache, x, lora=adapter.layers, lora_scale=adapter.scale,
-                        lora_mask=jnp.ones((B, L), bool), reduce="mean", append=append, logits=False)
+                        lora_mask=jnp.ones((B, L), bool), reduce="mean", append=append, logits=False,
+                        score_heads=score_heads, implementation=implementation, interpret=interpret)
 
 
 def reduce_gqa(scores, n_kv_heads: int, how: str = "mean"):

@@ -68,10 +68,16 @@ class BasePress:
 
     compression_ratio: float = 0.0
     budget: int | None = None
+    # the score-and-evict op (pallas_kernels.suffix_attention) where a press's scoring allows it:
+    # None = Pallas on GPU/TPU and the jnp reference on CPU; "xla"; "pallas" (interpret=True on CPU)
+    implementation: str | None = None
+    interpret: bool = False
 
     array_fields: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self):
+        if self.implementation not in (None, "xla", "pallas"):
+            raise ValueError(f"implementation must be None, 'xla' or 'pallas', got {self.implementation!r}")
         if not 0.0 <= self.compression_ratio < 1.0:
             raise ValueError(f"compression_ratio must lie in [0, 1), got {self.compression_ratio}")
         if self.budget is not None:

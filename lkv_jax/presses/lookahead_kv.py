@@ -40,9 +40,10 @@ class LookaheadKVPress(BasePress):
     # base fields compression_ratio / budget first)
     def __init__(self, adapter: LookaheadAdapter | None = None, compression_ratio: float = 0.0,
                  budget: int | None = None, gqa_reduction: str = "mean", pooling: str | None = None,
-                 kernel_size: int = 5):
+                 kernel_size: int = 5, implementation: str | None = None, interpret: bool = False):
         for name, value in (("adapter", adapter), ("compression_ratio", compression_ratio), ("budget", budget),
-                            ("gqa_reduction", gqa_reduction), ("pooling", pooling), ("kernel_size", kernel_size)):
+                            ("gqa_reduction", gqa_reduction), ("pooling", pooling), ("kernel_size", kernel_size),
+                            ("implementation", implementation), ("interpret", interpret)):
             object.__setattr__(self, name, value)
         self.__post_init__()
 
@@ -68,13 +69,17 @@ class LookaheadKVPress(BasePress):
         T = prompt_ids.shape[1]
         cache, logits = prefill_pure(model, prompt_ids, valid, positions, chunk=chunk,
                                      capacity=T + adapter.n_lookahead)
-        g = lookahead_glimpse(model, cache, adapter, append=True)
+        # the GQA mean commutes with no pooling and with average pooling, so then the score-and-evict op
+        # (Pallas on GPU/TPU) reduces over the group itself; max reductions / max pooling stay per head
+        kv = self.gqa_reduction == "mean" and self.pooling in (None, "avg")
+        g = lookahead_glimpse(model, cache, adapter, append=True, score_heads="kv" if kv else "query",
+                              implementation=self.implementation, interpret=self.interpret)
         K = model.config.num_key_value_heads
         scores, protected = [], []
         for l, s in enumerate(g.scores):
             # only prompt tokens compete: zero the padding and the lookahead's own slots before pooling
             prompt_slot = cache.valid[l][:, :1] & (jnp.arange(s.shape[-1]) < T)
             s = pool_scores(jnp.where(prompt_slot, s, 0.0), self.pooling, int(self.kernel_size))
-            scores.append(reduce_gqa(s, K, self.gqa_reduction))
+            scores.append(s if kv else reduce_gqa(s, K, self.gqa_reduction))
             protected.append(jnp.zeros(scores[-1].shape, bool))
         return Scored(cache=g.cache, logits=logits, scores=tuple(scores), protected=tuple(protected))

@@ -59,10 +59,16 @@ class SnapKVPress(BasePress):
         """(cache, logits, per-layer float32 [B, K, S] scores, per-layer protected [B, K, S])."""
         T = ids.shape[1]
         w = self.window_size
-        cache, logits, raw = prefill_with_window(model, ids, valid, positions, chunk=chunk, window=w)
+        # average pooling is linear, so it commutes with the GQA mean: the score-and-evict op can reduce
+        # over the group first. Max pooling cannot, and stays per query head.
+        kv = self.pooling == "avg"
+        cache, logits, raw = prefill_with_window(model, ids, valid, positions, chunk=chunk, window=w,
+                                                 score_heads="kv" if kv else "query",
+                                                 implementation=self.implementation, interpret=self.interpret)
         K = model.config.num_key_value_heads
         prefix = (valid & (jnp.arange(T) < T - w)[None])[:, None, :]  # [B, 1, S]
-        scores = tuple(reduce_group(pool_scores(s, prefix, self.kernel_size, self.pooling), K) for s in raw)
+        pooled = (pool_scores(s, prefix, self.kernel_size, self.pooling) for s in raw)
+        scores = tuple(p if kv else reduce_group(p, K) for p in pooled)
         window = jnp.broadcast_to((jnp.arange(T) >= T - w)[None, None], (ids.shape[0], K, T))
         return cache, logits, scores, (window,) * len(scores)
 

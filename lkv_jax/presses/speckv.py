@@ -29,7 +29,6 @@ from lkv_jax.presses.window import (
     check_window_rows,
     pool_scores,
     prefill_with_window,
-    reduce_group,
 )
 
 
@@ -84,11 +83,12 @@ class DraftScoredPress(BasePress):
         L = self.draft_ids.shape[1]
         cache, logits, raw = prefill_with_window(model, prompt_ids, valid, positions, chunk=chunk, window=w,
                                                  suffix=self.draft_ids, suffix_valid=self.draft_valid,
-                                                 extra_capacity=L, reduce=self.reduction)
+                                                 extra_capacity=L, reduce=self.reduction, score_heads="kv",
+                                                 implementation=self.implementation, interpret=self.interpret)
         S = T + L
         prefix = (jnp.pad(valid, ((0, 0), (0, L))) & (jnp.arange(S) < T - w)[None])[:, None, :]
-        scores = tuple(pool_scores(reduce_group(s, K, self.reduction), prefix, self.kernel_size, self.pooling)
-                       for s in raw)
+        # the op reduces over draft queries and the GQA group at once (max of max, or mean of mean)
+        scores = tuple(pool_scores(s, prefix, self.kernel_size, self.pooling) for s in raw)
         window = jnp.broadcast_to(((jnp.arange(S) >= T - w) & (jnp.arange(S) < T))[None, None], (B, K, S))
         return Scored(cache=cache, logits=logits, scores=scores, protected=(window,) * len(scores))
 
@@ -103,14 +103,13 @@ class SpecKVPress(BasePress):
     pooling: str = "max"
     reduction: str = "max"
 
-    def __init__(self, draft_model=None, n_draft_tokens: int = 32, window_size: int = 32, kernel_size: int = 7,
-                 pooling: str = "max", reduction: str = "max", compression_ratio: float = 0.0,
-                 budget: int | None = None):
-        # the draft model first, as in SpecKVPress(draft, budget=...); the inherited fields come last
-        for name, value in (("draft_model", draft_model), ("n_draft_tokens", n_draft_tokens),
-                            ("window_size", window_size), ("kernel_size", kernel_size), ("pooling", pooling),
-                            ("reduction", reduction), ("compression_ratio", compression_ratio), ("budget", budget)):
-            object.__setattr__(self, name, value)
+    def __init__(self, draft_model=None, **fields):
+        # the draft model first, as in SpecKVPress(draft, budget=...); everything else by keyword
+        values = {"draft_model": draft_model, **fields}
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, values.pop(f.name, f.default))
+        if values:
+            raise TypeError(f"SpecKVPress got unexpected arguments {sorted(values)}")
         self.__post_init__()
 
     def __post_init__(self):
@@ -133,9 +132,9 @@ class SpecKVPress(BasePress):
 
     def scorer(self, draft_ids, draft_valid) -> DraftScoredPress:
         """The jittable scoring press for given draft tokens (int [B, L], bool [B, L])."""
-        return DraftScoredPress(compression_ratio=self.compression_ratio, budget=self.budget,
-                                window_size=self.window_size, kernel_size=self.kernel_size, pooling=self.pooling,
-                                reduction=self.reduction, draft_ids=draft_ids, draft_valid=draft_valid)
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(DraftScoredPress)
+                  if hasattr(self, f.name) and f.name not in ("draft_ids", "draft_valid")}
+        return DraftScoredPress(**shared, draft_ids=draft_ids, draft_valid=draft_valid)
 
     def compress(self, model, prompt):
         check_same_vocab(self.draft_model, model)

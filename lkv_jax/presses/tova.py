@@ -33,7 +33,10 @@ class TOVAPress(BasePress):
     def prefill_and_score(self, model, prompt_ids, valid, positions, chunk):
         B, T = prompt_ids.shape
         K = model.config.num_key_value_heads
-        cache, logits, raw = prefill_with_window(model, prompt_ids, valid, positions, chunk=chunk, window=1)
+        # per-KV-head means from the score-and-evict op; their mean is the mean over all query heads
+        cache, logits, raw = prefill_with_window(model, prompt_ids, valid, positions, chunk=chunk, window=1,
+                                                 score_heads="kv", implementation=self.implementation,
+                                                 interpret=self.interpret)
         scores = tuple(jnp.broadcast_to(s.mean(1, keepdims=True), (B, K, T)) for s in raw)
         last = jnp.broadcast_to((jnp.arange(T) == T - 1)[None, None], (B, K, T))
         return Scored(cache=cache, logits=logits, scores=scores, protected=(last,) * len(scores))

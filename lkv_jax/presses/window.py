@@ -38,14 +38,16 @@ def check_pooling(kernel_size: int, pooling: str) -> None:
 
 
 def prefill_with_window(model, ids, valid, positions, *, chunk: int, window: int, suffix=None, suffix_valid=None,
-                        extra_capacity: int = 0, reduce: str | None = "mean"):
+                        extra_capacity: int = 0, reduce: str | None = "mean", score_heads: str = "query",
+                        implementation: str | None = None, interpret=False):
     """Prefill all but the last `window` slots, then glimpse the window (and `suffix`) appended to the cache.
 
     ids/valid/positions [B, T] (left padded, T a multiple of chunk). suffix: optional int [B, L] tokens
     placed after the prompt (they need `extra_capacity >= L` slots); suffix_valid bool [B, L] says which
     suffix queries the scores reduce over (the window's always count). Returns (cache, logits, scores):
     the cache holds the full prompt (and the suffix at slots [T, T + L)), logits float32 [B, V] are the
-    last prompt token's, scores per layer float32 [B, N, S] (or [B, N, w + L, S] with reduce=None).
+    last prompt token's, scores per layer float32 [B, N, S] (or [B, N, w + L, S] with reduce=None), or
+    [B, K, S] from the score-and-evict op with score_heads="kv" (see `glimpse_pure`).
     """
     B, T = ids.shape
     w = window
@@ -61,7 +63,7 @@ def prefill_with_window(model, ids, valid, positions, *, chunk: int, window: int
         sv = jnp.ones((B, L), bool) if suffix_valid is None else suffix_valid
         score_mask = jnp.concatenate([jnp.ones((B, w), bool), sv], axis=1)
     g = glimpse_pure(model, cache, model.embed_tokens(tokens), score_mask=score_mask, reduce=reduce, append=True,
-                     logits=False)
+                     logits=False, score_heads=score_heads, implementation=implementation, interpret=interpret)
     logits = model.logits(g.hidden[:, w - 1:w])[:, 0]
     return g.cache, logits, g.scores
 
