@@ -22,7 +22,8 @@ def kl_divergence(label, pred, valid):
     Both are renormalised over `valid` first. Returns [...] (the leading axes).
     """
     p, q = normalise(label, valid), normalise(pred, valid)
-    terms = jnp.where(valid & (p > 0), p * (jnp.log(jnp.maximum(p, EPS)) - jnp.log(jnp.maximum(q, EPS))), 0.0)
+    # p != 0 (not p > 0): a NaN label must make the loss NaN, not vanish silently
+    terms = jnp.where(valid & (p != 0), p * (jnp.log(jnp.maximum(p, EPS)) - jnp.log(jnp.maximum(q, EPS))), 0.0)
     return terms.sum(-1)
 
 

@@ -13,6 +13,7 @@ batch are separate arguments so that each can be given its own sharding.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -114,7 +115,7 @@ def train_step(graphdef, base_params, adapter, opt_state, batch, *, optimizer, c
         adapter, model, batch, chunk=chunk, label_source=label_source)
     updates, opt_state = optimizer.update(grads, opt_state, adapter)
     adapter = optax.apply_updates(adapter, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     for b in recall_budgets:
         metrics[f"recall@{b}"] = label_mass_recall(labels, pred, batch["prompt_valid"],
                                                    model.config.num_key_value_heads, b, batch["row_weight"])
@@ -127,6 +128,19 @@ def jit_train_step(graphdef, optimizer, *, label_source: str = "dataset", recall
         return train_step(graphdef, base_params, adapter, opt_state, batch, optimizer=optimizer, chunk=chunk,
                           label_source=label_source, recall_budgets=tuple(recall_budgets))
     return jax.jit(step, static_argnames=("chunk",))
+
+
+@functools.lru_cache(maxsize=8)
+def _step_for(graphdef, cfg: TrainConfig):
+    # one compiled step per (model structure, optimisation settings): resuming in the same process
+    # (tests, notebooks) reuses the compilation
+    return jit_train_step(graphdef, make_optimizer(cfg), label_source=cfg.labels, recall_budgets=cfg.recall_budgets)
+
+
+def _optimisation_key(cfg: TrainConfig) -> TrainConfig:
+    """cfg with the fields that do not change the step's computation blanked (the cache key)."""
+    return dataclasses.replace(cfg, data_dir="", out_dir="", model_dir=None, checkpoint_every=1, keep_checkpoints=1,
+                               log_every=1, seed=0, buckets=(8,))
 
 
 def _trim_metrics(path: Path, last_step: int) -> None:
@@ -192,7 +206,7 @@ def train(cfg: TrainConfig, *, model=None, progress: bool = True, stop_after: in
         step = latest
         _trim_metrics(metrics_path, step)
     graphdef, base_params = nnx.split(model)
-    step_fn = jit_train_step(graphdef, optimizer, label_source=cfg.labels, recall_budgets=cfg.recall_budgets)
+    step_fn = _step_for(graphdef, _optimisation_key(cfg))
     end = cfg.steps if stop_after is None else min(cfg.steps, int(stop_after))
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
     t0 = time.perf_counter()
