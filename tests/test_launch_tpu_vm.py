@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import shlex
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -12,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _launcher():
     spec = importlib.util.spec_from_file_location("launch_tpu_vm", ROOT / "experiments" / "launch_tpu_vm.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
