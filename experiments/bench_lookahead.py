@@ -1,0 +1,168 @@
+"""LookaheadKV's cost: eviction overhead against SnapKV and the draft-based methods, and training cost.
+
+    python experiments/bench_lookahead.py                # 4K and 16K tokens (the issue's setting; a GPU/TPU)
+    python experiments/bench_lookahead.py --quick        # 1K and 2K tokens, a few minutes on a CPU
+
+One random Llama-shaped target (8 layers, hidden 512, 8 heads, 2 KV heads, float32 unless --dtype) for
+every method. For each prompt length:
+  * eviction overhead = time to first token with the press (prefill + scoring + selection, `compress`)
+    minus a plain prefill of the same prompt, as % of the plain prefill: LookaheadKV (32 lookahead
+    tokens, rank-8 LoRA on all projections), SnapKV (kvpress defaults), SpecKV (a 2-layer hidden-256
+    draft generating 32 tokens) and LAQ (8 pseudo tokens from the target);
+  * LookaheadKV's cost ratio: draft-method overhead / LookaheadKV overhead (the paper: 14.5x at 32K);
+  * one training step (batch 1, labels given): wall time, and peak memory from XLA's compiled memory
+    analysis next to that of a plain prefill of the same prompt.
+Times are medians of --repeats runs after a warm-up. Prints a table and writes JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import lkv_jax  # noqa: E402
+from lkv_jax.inference import _prefill_jit, prepare_prompt  # noqa: E402
+from lkv_jax.lookahead import init_adapter  # noqa: E402
+from lkv_jax.lookahead.data_pipeline import prefill_chunk  # noqa: E402
+from lkv_jax.lookahead.training import TrainConfig, make_optimizer, train_step  # noqa: E402
+from lkv_jax.presses import LookaheadKVPress  # noqa: E402
+from lkv_jax.presses.laq import LAQPress  # noqa: E402
+from lkv_jax.presses.snapkv import SnapKVPress  # noqa: E402
+from lkv_jax.presses.speckv import SpecKVPress  # noqa: E402
+
+VOCAB = 32000
+
+
+def build(layers: int, hidden: int, heads: int, kv_heads: int, inter: int, dtype: str, seed: int):
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter,
+                                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                   max_position_embeddings=65536, eos_token_id=2)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        return lkv_jax.load_hf(d, dtype=dtype)
+
+
+def median_time(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())  # warm-up / compile
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def memory(compiled) -> int:
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
+
+
+def bench_eviction(model, draft, ids, budget: int, repeats: int) -> dict:
+    prompt = prepare_prompt(ids, None, 512, model.config.vocab_size)
+    graphdef, params = nnx.split(model)
+    T = prompt.ids.shape[1]
+
+    def plain():
+        return _prefill_jit(graphdef, params, prompt.ids, prompt.valid, prompt.positions, chunk=prompt.chunk,
+                            capacity=T, all_logits=False)
+
+    t_prefill = median_time(plain, repeats)
+    adapter = init_adapter(model.config, jax.random.key(0))
+    presses = {
+        "LookaheadKV": LookaheadKVPress(adapter, budget=budget),
+        "SnapKV": SnapKVPress(budget=budget),
+        "SpecKV": SpecKVPress(draft, budget=budget, n_draft_tokens=32),
+        "LAQ": LAQPress(budget=budget),
+    }
+    row = {"prompt_tokens": int(ids.shape[1]), "prefill_s": t_prefill}
+    for name, press in presses.items():
+        t = median_time(lambda press=press: lkv_jax.compress(model, ids, press), repeats)
+        row[f"{name}_ttft_s"] = t
+        row[f"{name}_overhead_pct"] = 100.0 * (t - t_prefill) / t_prefill
+    lk = max(row["LookaheadKV_overhead_pct"], 1e-9)
+    for name in ("SpecKV", "LAQ"):
+        row[f"{name}_over_LookaheadKV"] = row[f"{name}_overhead_pct"] / lk
+    return row
+
+
+def bench_training(model, T: int, repeats: int) -> dict:
+    cfg = model.config
+    adapter = init_adapter(cfg, jax.random.key(0))
+    opt = make_optimizer(TrainConfig(data_dir="", out_dir="", steps=100, warmup_steps=0))
+    opt_state = opt.init(adapter)
+    rs = np.random.RandomState(0)
+    labels = rs.rand(1, cfg.num_hidden_layers, cfg.num_attention_heads, T).astype(np.float32)
+    batch = {"prompt_ids": jnp.asarray(rs.randint(3, VOCAB, (1, T)), jnp.int32),
+             "prompt_valid": jnp.ones((1, T), bool), "positions": jnp.arange(T, dtype=jnp.int32)[None],
+             "response_ids": jnp.zeros((1, 16), jnp.int32), "response_mask": jnp.ones((1, 16), bool),
+             "labels": jnp.asarray(labels / labels.sum(-1, keepdims=True)), "row_weight": jnp.ones((1,), jnp.float32)}
+    graphdef, params = nnx.split(model)
+    chunk = prefill_chunk(T)
+    step = jax.jit(lambda p, a, s, b: train_step(graphdef, p, a, s, b, optimizer=opt, chunk=chunk))
+    compiled = step.lower(params, adapter, opt_state, batch).compile()
+    t = median_time(lambda: compiled(params, adapter, opt_state, batch), repeats)
+    prefill = _prefill_jit.lower(graphdef, params, batch["prompt_ids"], batch["prompt_valid"], batch["positions"],
+                                 chunk=chunk, capacity=T, all_logits=False).compile()
+    m_step, m_prefill = memory(compiled), memory(prefill)
+    return {"prompt_tokens": T, "step_s": t, "step_peak_mib": m_step / 2**20, "prefill_peak_mib": m_prefill / 2**20,
+            "step_over_prefill_memory": m_step / m_prefill}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1K and 2K tokens instead of 4K and 16K")
+    p.add_argument("--lengths", default=None, help="comma-separated prompt lengths (overrides --quick)")
+    p.add_argument("--budget", type=int, default=128, help="entries kept per layer and KV head (default 128)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--out", default="bench_lookahead.json", help="JSON results path")
+    args = p.parse_args(argv)
+    lengths = ([int(x) for x in args.lengths.split(",")] if args.lengths else
+               [1024, 2048] if args.quick else [4096, 16384])
+    model = build(8, 512, 8, 2, 1408, args.dtype, 0)
+    draft = build(2, 256, 4, 2, 704, args.dtype, 1)
+    rs = np.random.RandomState(0)
+    evict, training = [], []
+    for T in lengths:
+        ids = rs.randint(3, VOCAB, (1, T)).astype(np.int32)
+        evict.append(bench_eviction(model, draft, ids, args.budget, args.repeats))
+        training.append(bench_training(model, T, args.repeats))
+    print(f"backend {jax.default_backend()}, budget {args.budget}, dtype {args.dtype}")
+    print(f"{'tokens':>7} {'prefill ms':>10} | overhead % of prefill: {'LookaheadKV':>11} {'SnapKV':>7} "
+          f"{'SpecKV':>7} {'LAQ':>7} | ratio SpecKV/LKV LAQ/LKV")
+    for r in evict:
+        print(f"{r['prompt_tokens']:>7} {1e3 * r['prefill_s']:>10.1f} | {'':>22} "
+              f"{r['LookaheadKV_overhead_pct']:>11.2f} "
+              f"{r['SnapKV_overhead_pct']:>7.2f} {r['SpecKV_overhead_pct']:>7.2f} {r['LAQ_overhead_pct']:>7.2f} | "
+              f"{r['SpecKV_over_LookaheadKV']:>16.1f} {r['LAQ_over_LookaheadKV']:>7.1f}")
+    print(f"{'tokens':>7} {'train step ms':>13} {'step peak MiB':>13} {'prefill peak MiB':>16} {'ratio':>6}")
+    for r in training:
+        print(f"{r['prompt_tokens']:>7} {1e3 * r['step_s']:>13.1f} {r['step_peak_mib']:>13.1f} "
+              f"{r['prefill_peak_mib']:>16.1f} {r['step_over_prefill_memory']:>6.2f}")
+    result = {"backend": jax.default_backend(), "budget": args.budget, "dtype": args.dtype,
+              "model": "llama 8 layers, hidden 512, 8/2 heads; draft 2 layers, hidden 256",
+              "eviction": evict, "training": training}
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
