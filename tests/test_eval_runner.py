@@ -77,7 +77,7 @@ def test_runner_end_to_end_writes_cells_table_plots_and_resumes(tiny, tmp_path, 
     hf, model, _ = tiny
     task = make_task(hf)
     cfg = EvalConfig(presses=(PressSpec.parse("streamingllm:n_sink=2"), PressSpec.parse("keepfirst")),
-                     budgets=(8, 16), batch_size=2, oracle=False)
+                     budgets=(8, 16), batch_size=2, oracle=False, timing_repeats=1)
     cells = run_eval(model, [task], cfg, tmp_path, progress=False)
     assert len(cells) == 1 + 2 * 2
     files = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "cells").rglob("*.json"))
@@ -120,6 +120,9 @@ def test_runner_end_to_end_writes_cells_table_plots_and_resumes(tiny, tmp_path, 
     again = run_eval(model, [task], cfg, tmp_path, progress=False)
     assert [c["score"] for c in again] == [c["score"] for c in cells]
     assert {p: p.stat().st_mtime_ns for p in before} == before
+    # other inputs under the same task name (another seed) are not mistaken for the finished cells
+    with pytest.raises(AssertionError, match="recomputed"):
+        run_eval(model, [make_task(hf, seed=5)], cfg, tmp_path, progress=False)
 
 
 def test_question_agnostic_full_cache_matches_query_aware_reference(tiny, tmp_path):
@@ -172,7 +175,8 @@ def test_cli_synthetic_and_longbench(tmp_path):
     out = tmp_path / "run"
     rc = main(["eval", "--model", model_dir, "--presses", "streamingllm", "--budgets", "16", "--tasks",
                "niah_single,longbench/hotpotqa", "--lengths", "48", "--n-samples", "2", "--batch-size", "2",
-               "--longbench-dir", str(lb), "--max-length", "200", "--out", str(out), "--no-progress"])
+               "--longbench-dir", str(lb), "--max-length", "200", "--out", str(out), "--no-progress",
+               "--no-overhead"])
     assert rc == 0
     table = (out / "results.md").read_text()
     assert "## Score: niah_single-48" in table and "## Score: longbench/hotpotqa" in table

@@ -68,15 +68,30 @@ def add_arguments(p) -> None:
     p.add_argument("--longbench-hub", action="store_true", help="download LongBench from the Hugging Face hub")
     p.add_argument("--tokenizer", default=None, help="Hugging Face tokenizer folder (default: --model)")
     p.add_argument("--max-length", type=int, default=31500, help="LongBench: middle-truncate prompts to this")
-    p.add_argument("--chat-template", action="store_true", help="LongBench: apply the tokenizer's chat template")
+    p.add_argument("--chat-template", action="store_true",
+                   help="apply the tokenizer's chat template (LongBench; synthetic tasks with a HF tokenizer)")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _synthetic_tokenizer(tok_dir: Path, chat_template: bool):
+    """(vocab, None) for the built-in word-level vocabulary (or no tokenizer.json at all), else
+    (None, HFPromptEncoder) for a real model's Hugging Face tokenizer."""
+    from lkv_jax.data.synthetic import HFPromptEncoder
+    from lkv_jax.data.vocab import builtin_vocab, load_vocab
+
+    if not (tok_dir / "tokenizer.json").is_file():
+        return builtin_vocab(), None
+    try:
+        return load_vocab(tok_dir), None
+    except (ValueError, KeyError):  # not a WordLevel vocabulary: a real model's tokenizer
+        return None, HFPromptEncoder(tok_dir, use_chat_template=chat_template)
 
 
 def build_tasks(args) -> list:
     """The EvalTasks named by --tasks."""
     from lkv_jax.evaluation.tasks import longbench_task, synthetic_task
 
-    tasks, tokenizer, vocab = [], None, None
+    tasks, tokenizer, vocab, encoder = [], None, None, None
     limit = args.n_samples or None
     for name in args.tasks:
         if name.startswith(("longbench/", "longbench:")):
@@ -94,14 +109,11 @@ def build_tasks(args) -> list:
                                         data_dir=args.longbench_dir, from_hub=args.longbench_hub,
                                         max_length=args.max_length, chat_template=args.chat_template, limit=limit))
         else:
-            if vocab is None:
-                from lkv_jax.data.vocab import builtin_vocab, load_vocab
-
-                tok_dir = Path(args.tokenizer or args.model)
-                vocab = load_vocab(tok_dir) if (tok_dir / "tokenizer.json").is_file() else builtin_vocab()
+            if vocab is None and encoder is None:
+                vocab, encoder = _synthetic_tokenizer(Path(args.tokenizer or args.model), args.chat_template)
             for length in args.lengths:
                 tasks.append(synthetic_task(name, n_samples=args.n_samples or 20, length=length, seed=args.seed,
-                                            vocab=vocab))
+                                            vocab=vocab, encoder=encoder))
     return tasks
 
 

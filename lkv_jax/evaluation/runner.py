@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -155,14 +156,26 @@ def cell_path(out_dir, press_label: str, setting_label: str, task_name: str) -> 
     return Path(out_dir) / "cells" / _safe(press_label) / _safe(setting_label) / f"{_safe(task_name)}.json"
 
 
-def _read_complete(path: Path, n_samples: int, mode: str) -> dict | None:
+def task_fingerprint(task: EvalTask) -> str:
+    """A digest of the task's token ids, sample ids and generation length: a finished cell is reused
+    only for exactly the same inputs (another seed or tokenizer recomputes it)."""
+    h = hashlib.sha1(f"{task.name}|{task.max_new_tokens}|{task.eos_token_ids}".encode())
+    for s in task.samples:
+        h.update(s.id.encode())
+        h.update(np.asarray(s.context_ids, np.int64).tobytes())
+        h.update(b"|")
+        h.update(np.asarray(s.question_ids, np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _read_complete(path: Path, fingerprint: str, mode: str) -> dict | None:
     if not path.is_file():
         return None
     try:
         cell = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    ok = cell.get("complete") and cell.get("n_samples") == n_samples and cell.get("mode") == mode
+    ok = cell.get("complete") and cell.get("fingerprint") == fingerprint and cell.get("mode") == mode
     return cell if ok else None
 
 
@@ -354,7 +367,8 @@ def run_cell(model, task: EvalTask, press_spec: PressSpec | None, setting: Setti
     label = FULL_KV if press_spec is None else (press_spec.label or press_spec.name)
     setting_label = "full" if press_spec is None else setting.label
     path = cell_path(out_dir, label, setting_label, task.name)
-    done = _read_complete(path, len(task.samples), cfg.mode)
+    fingerprint = task_fingerprint(task)
+    done = _read_complete(path, fingerprint, cfg.mode)
     if done is not None:
         if progress is not None:
             progress.update(len(task.samples))
@@ -386,7 +400,8 @@ def run_cell(model, task: EvalTask, press_spec: PressSpec | None, setting: Setti
             "press_kwargs": {} if press_spec is None else dict(press_spec.kwargs), "setting": setting_label,
             "budget": None if setting is None or setting.kind != "budget" else int(setting.value),
             "ratio": None if setting is None or setting.kind != "ratio" else float(setting.value),
-            "task": task.name, "mode": cfg.mode, "n_samples": len(records), "batch_size": cfg.batch_size,
+            "task": task.name, "fingerprint": fingerprint, "mode": cfg.mode, "n_samples": len(records),
+            "batch_size": cfg.batch_size,
             **_summary(records, timings), "samples": records}
     _write_json(path, cell)
     return cell

@@ -98,23 +98,33 @@ def longbench_task(task: str, tokenizer, *, data_dir=None, from_hub: bool = Fals
 # synthetic RULER-style tasks (built-in vocabulary)
 
 
-def synthetic_task(task: str, *, n_samples: int, length: int, seed: int = 0, vocab=None) -> EvalTask:
-    """A synthetic task (`lkv_jax.data.synthetic`) tokenised with the built-in vocabulary; the question
-    is its own segment so the same samples serve both query-aware and question-agnostic runs."""
+def synthetic_task(task: str, *, n_samples: int, length: int, seed: int = 0, vocab=None, encoder=None) -> EvalTask:
+    """A synthetic task (`lkv_jax.data.synthetic`), tokenised with the built-in vocabulary (default, or
+    `vocab`) or with a Hugging Face tokenizer (`encoder`: a `synthetic.HFPromptEncoder`, lengths then
+    count its tokens). The question is its own segment, so the same samples serve both query-aware and
+    question-agnostic runs."""
     from lkv_jax.data import synthetic
     from lkv_jax.data.vocab import builtin_vocab
 
-    vocab = builtin_vocab() if vocab is None else vocab
-    raw = synthetic.generate_samples(task, n_samples, length, seed=seed)
+    if encoder is None:
+        vocab = builtin_vocab() if vocab is None else vocab
+        raw = synthetic.generate_samples(task, n_samples, length, seed=seed)
+        encode = lambda s: synthetic.encode_builtin(s, vocab, query_aware=False)  # noqa: E731
+        decode, eos = (lambda ids: vocab.decode(ids)), (vocab.eos_id,)
+    else:
+        raw = synthetic.generate_samples(task, n_samples, length, seed=seed, count=encoder.count)
+        encode = lambda s: encoder.encode(s, query_aware=False)  # noqa: E731
+        decode = lambda ids: encoder.tokenizer.decode(list(ids), skip_special_tokens=True)  # noqa: E731
+        eos = None if encoder.eos_id is None else (int(encoder.eos_id),)
     samples, budget = [], 1
     for i, s in enumerate(raw):
-        enc = synthetic.encode_builtin(s, vocab, query_aware=False)
+        enc = encode(s)
         samples.append(EvalSample(id=f"{task}-{length}-{seed}-{i}", context_ids=enc.prompt, question_ids=enc.question,
                                   answers=tuple(s.references), extra={"metric": s.metric, "target": s.target}))
-        budget = max(budget, s.max_new_tokens)
-    score = _synthetic_scorer()
-    return EvalTask(name=f"{task}-{length}", samples=tuple(samples), max_new_tokens=budget, score=score,
-                    decode=lambda ids: vocab.decode(ids), eos_token_ids=(vocab.eos_id,))
+        # the target's own length plus room for EOS and a little slack
+        budget = max(budget, len(enc.target) + 4)
+    return EvalTask(name=f"{task}-{length}", samples=tuple(samples), max_new_tokens=budget,
+                    score=_synthetic_scorer(), decode=decode, eos_token_ids=eos)
 
 
 def _synthetic_scorer() -> Callable[[str, EvalSample], float]:
