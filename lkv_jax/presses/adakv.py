@@ -57,12 +57,13 @@ class AdaKVPress(BasePress):
 
     array_fields = ("press",)
 
-    def __init__(self, press=None, alpha_safeguard: float = 0.2, compression_ratio: float = 0.0,
-                 budget: int | None = None):
-        # `press` first, as kvpress's AdaKVPress(press); the inherited fields come last
-        for name, value in (("press", press), ("alpha_safeguard", alpha_safeguard),
-                            ("compression_ratio", compression_ratio), ("budget", budget)):
-            object.__setattr__(self, name, value)
+    def __init__(self, press=None, alpha_safeguard: float = 0.2, **base_fields):
+        # `press` first, as kvpress's AdaKVPress(press); the inherited fields are keywords
+        values = {"press": press, "alpha_safeguard": alpha_safeguard, **base_fields}
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, values.pop(f.name, f.default))
+        if values:
+            raise TypeError(f"AdaKVPress got unexpected arguments {sorted(values)}")
         self.__post_init__()
 
     def __post_init__(self):

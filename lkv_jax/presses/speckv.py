@@ -85,6 +85,8 @@ class DraftScoredPress(BasePress):
                                                  suffix=self.draft_ids, suffix_valid=self.draft_valid,
                                                  extra_capacity=L, reduce=self.reduction, score_heads="kv",
                                                  implementation=self.implementation, interpret=self.interpret)
+        # decoding continues right after the prompt: the draft tokens only scored
+        cache = dataclasses.replace(cache, next_position=positions[:, -1] + 1)
         S = T + L
         prefix = (jnp.pad(valid, ((0, 0), (0, L))) & (jnp.arange(S) < T - w)[None])[:, None, :]
         # the op reduces over draft queries and the GQA group at once (max of max, or mean of mean)
