@@ -75,6 +75,10 @@ def test_classification_retrieval_count_code_by_hand():
     # fuzzywuzzy's documented example: ratio("this is a test", "this is a test!") == 97
     assert fuzz_ratio("this is a test", "this is a test!") == 97
     assert fuzz_ratio("", "") == 100 and fuzz_ratio("a", "") == 0
+    # halves round as python-Levenshtein's float does: LCS 1 of 16 chars -> 1 - 14/16 = 0.125 exactly -> 12;
+    # LCS 17 of 80 -> 1 - 46/80 = 0.42500000000000004 -> 43 (fuzzywuzzy 0.18 + python-Levenshtein agree)
+    assert fuzz_ratio("a" + "b" * 7, "a" + "c" * 7) == 12
+    assert fuzz_ratio("x" * 17 + "a" * 23, "x" * 17 + "b" * 23) == 43
 
 
 def test_score_sample_first_line_rule_and_max_over_answers():

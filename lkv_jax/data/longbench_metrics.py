@@ -165,7 +165,11 @@ def fuzz_ratio(a: str, b: str) -> int:
         return 100
     if not a or not b:
         return 0
-    return int(round(100 * 2 * lcs_length(a, b) / (len(a) + len(b))))
+    total = len(a) + len(b)
+    # 1 - normalised indel distance, in this float order (as Levenshtein/rapidfuzz compute it): x.5 cases
+    # then round the same way (0.425 is 0.42500000000000004 here, 42.5 -> 43, not banker's 42)
+    ratio = 1.0 - (total - 2 * lcs_length(a, b)) / total
+    return int(round(100 * ratio))
 
 
 def code_sim_score(prediction: str, ground_truth: str, **kwargs) -> float:
