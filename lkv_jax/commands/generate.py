@@ -1,0 +1,129 @@
+"""`lkv generate`: greedy generation from a full or press-compressed KV cache.
+
+Text in and out when the model directory holds a `tokenizer.json` (read with the `tokenizers` library);
+token ids in and out otherwise (`--prompt-ids "1 2 3"`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HELP = "greedy generation with a KV-cache press (e.g. --press snapkv --compression-ratio 0.5)"
+
+EPILOG = """\
+presses: registered names (lkv_jax.presses.PRESSES: snapkv, snapkv-paper, pyramidkv, streamingllm, tova,
+  knorm, observed-attention, random, expected-attention, laq, speckv, adakv-snapkv, lookaheadkv, ...)
+  with optional keyword overrides after colons, e.g. snapkv:window_size=32:kernel_size=7:pooling=max;
+  speckv needs --draft-model, lookaheadkv needs --adapter. Without --press the cache is not compressed.
+examples:
+  lkv generate --model DIR --press snapkv --compression-ratio 0.5 --prompt "Summarise: ..."
+  lkv generate --model DIR --press tova --budget 64 --prompt-ids "1 15 27 3" --max-new-tokens 16
+"""
+
+
+def add_arguments(p) -> None:
+    import argparse
+
+    p.epilog = EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--model", required=True, help="Hugging Face model directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (needs tokenizer.json in the model directory)")
+    src.add_argument("--prompt-ids", help='prompt token ids, e.g. "1 15 27" (commas also accepted)')
+    p.add_argument("--press", default=None, help="press name[:key=value...]; default: full KV cache")
+    amount = p.add_mutually_exclusive_group()
+    amount.add_argument("--compression-ratio", type=float, default=None, help="fraction of the prompt removed")
+    amount.add_argument("--budget", type=int, default=None, help="entries kept per layer and KV head")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--draft-model", default=None, help="draft model directory (speckv)")
+    p.add_argument("--adapter", default=None, help="LookaheadKV adapter file (lookaheadkv)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="compute dtype (default: as stored)")
+    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk size")
+    p.add_argument("--json", action="store_true", help="print one JSON record instead of plain text")
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"--prompt-ids must be integers separated by spaces, got {text!r}") from None
+    if not ids:
+        raise ValueError("--prompt-ids is empty")
+    return ids
+
+
+def build_press(args, model):
+    """The press the arguments describe (None for full KV)."""
+    if args.press is None:
+        if args.compression_ratio is not None or args.budget is not None:
+            raise ValueError("--compression-ratio / --budget need a --press")
+        return None
+    from lkv_jax.evaluation.runner import PressSpec
+    from lkv_jax.presses.registry import make_press
+
+    spec = PressSpec.parse(args.press)
+    kwargs = dict(spec.kwargs)
+    key = spec.name.replace("_", "-")
+    if key == "speckv":
+        if args.draft_model is None:
+            raise ValueError("the speckv press needs --draft-model DIR")
+        from lkv_jax.checkpoint.hf import load_hf
+
+        kwargs["draft_model"] = load_hf(args.draft_model, dtype=args.dtype)
+    if key == "lookaheadkv":
+        if args.adapter is None:
+            raise ValueError("the lookaheadkv press needs --adapter FILE")
+        from lkv_jax.lookahead import load_adapter
+
+        kwargs["adapter"] = load_adapter(args.adapter, model.config)
+    try:
+        return make_press(spec.name, compression_ratio=args.compression_ratio, budget=args.budget, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"press {args.press}: {e}") from e
+
+
+def run(args) -> int:
+    import numpy as np
+
+    from lkv_jax.checkpoint.hf import load_hf
+    from lkv_jax.generation import generate
+
+    model_dir = Path(args.model)
+    tok_file = model_dir / "tokenizer.json"
+    tokenizer = None
+    if tok_file.is_file():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tok_file))
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise ValueError(f"{model_dir} has no tokenizer.json: give the prompt as --prompt-ids")
+        ids = tokenizer.encode(args.prompt).ids
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens")
+    else:
+        ids = parse_ids(args.prompt_ids)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    model = load_hf(model_dir, dtype=args.dtype)
+    press = build_press(args, model)
+    tokens = generate(model, np.asarray([ids], np.int32), args.max_new_tokens, press=press,
+                      chunk_size=args.chunk_size)[0]
+    # drop the padding after an EOS (generate fills finished rows with the pad id)
+    eos = set(model.config.eos_token_id)
+    out = []
+    for t in tokens.tolist():
+        out.append(t)
+        if t in eos:
+            break
+    text = tokenizer.decode(out, skip_special_tokens=True) if tokenizer is not None else None
+    if args.json:
+        print(json.dumps({"prompt_ids": ids, "tokens": out, "text": text, "press": args.press,
+                          "compression_ratio": args.compression_ratio, "budget": args.budget}))
+    elif args.prompt is not None:
+        print(text)
+    else:
+        print(" ".join(str(t) for t in out))
+    return 0
