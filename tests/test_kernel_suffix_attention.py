@@ -138,6 +138,28 @@ def test_kernel_under_tpu_memory_simulation():
     np.testing.assert_allclose(np.asarray(scores), want_scores, atol=1e-6)
 
 
+def test_kernel_inside_shard_map_over_batch_and_kv_heads():
+    """The sharding convention: Pallas calls inside `jax.shard_map` over B ("data") and K ("tensor")."""
+    from jax.sharding import AxisType
+    from jax.sharding import PartitionSpec as P
+
+    args = make_case(8, B=2, L=4, K=4, G=2, S=200, H=32)
+    mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
+    bk, bkh, b_ = P("data", "tensor", None), P("data", "tensor", None, None), P("data", None)
+    qs = P("data", None, "tensor", None)
+
+    def f(q, q_pos, keys, values, key_pos, key_valid, score_mask):
+        return suffix_attention(q, q_pos, keys, values, key_pos, key_valid, score_mask=score_mask,
+                                implementation="pallas", interpret=True, block_s=128)
+
+    g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(qs, b_, bkh, bkh, bk, bk, b_), out_specs=(qs, bk),
+                              check_vma=False))
+    out, scores = g(*args)
+    want_out, want_scores = brute_force(*args, "mean")
+    np.testing.assert_allclose(np.asarray(out), want_out, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(scores), want_scores, atol=1e-6)
+
+
 def test_pallas_gradient_is_the_reference_gradient():
     args = make_case(5, B=1, L=4, K=2, G=2, S=40, H=8)
     q, q_pos, keys, values, key_pos, key_valid, score_mask = args

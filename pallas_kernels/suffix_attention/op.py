@@ -91,6 +91,8 @@ def suffix_attention(q, q_pos, keys, values, key_pos, key_valid, *, score_mask=N
     padded to whole blocks inside. target: the Pallas driver, "tpu" or "gpu" (default: this machine's;
     CPU uses the TPU layout).
     Differentiable either way: the "pallas" path has a custom VJP whose backward is the reference's.
+    Shards over B and K: call it inside `jax.shard_map` (with check_vma=False, as JAX's own Pallas
+    ops need) on per-device blocks of batch rows and KV heads (query heads split consistently).
     """
     q, q_pos, keys, values = map(jnp.asarray, (q, q_pos, keys, values))
     key_pos, key_valid = jnp.asarray(key_pos), jnp.asarray(key_valid)
