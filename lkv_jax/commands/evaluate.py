@@ -64,6 +64,7 @@ def add_arguments(p) -> None:
     p.add_argument("--no-oracle", action="store_true", help="skip the oracle coverage diagnostics")
     p.add_argument("--no-overhead", action="store_true", help="skip the timing of compress against prefill")
     p.add_argument("--timing-repeats", type=int, default=3, help="time compress and prefill this many times (best)")
+    p.add_argument("--timing-batches", type=int, default=2, help="batches timed per cell (0: all)")
     p.add_argument("--longbench-dir", default=None, help="folder with the official LongBench <task>.jsonl files")
     p.add_argument("--longbench-hub", action="store_true", help="download LongBench from the Hugging Face hub")
     p.add_argument("--tokenizer", default=None, help="Hugging Face tokenizer folder (default: --model)")
@@ -126,7 +127,7 @@ def run(args) -> int:
                      ratios=args.ratios or (), mode="question-agnostic" if args.question_agnostic else "query-aware",
                      batch_size=args.batch_size, chunk_size=args.chunk_size, pad_multiple=args.pad_multiple,
                      oracle=not args.no_oracle, measure_overhead=not args.no_overhead,
-                     timing_repeats=args.timing_repeats)
+                     timing_repeats=args.timing_repeats, timing_batches=args.timing_batches)
     model = lkv_jax.load_hf(args.model, dtype=args.dtype)
     adapter = None
     if args.adapter:

@@ -108,7 +108,8 @@ class EvalConfig:
     mode: "query-aware" (question in the compressed prompt, the paper's setting) or
     "question-agnostic" (kvpress's default); oracle: coverage diagnostics (needs FullKV responses);
     measure_overhead: time compress against a plain prefill of the same batch (best of
-    `timing_repeats` runs each, after a warm-up run per new shape)."""
+    `timing_repeats` runs each, after a warm-up run per new shape) on the first `timing_batches`
+    batches of each cell (0: every batch)."""
 
     presses: tuple[PressSpec, ...]
     budgets: tuple[int, ...] = ()
@@ -120,6 +121,7 @@ class EvalConfig:
     oracle: bool = True
     measure_overhead: bool = True
     timing_repeats: int = 3
+    timing_batches: int = 2
 
     def __post_init__(self):
         if bool(self.budgets) == bool(self.ratios):
@@ -130,8 +132,8 @@ class EvalConfig:
             raise ValueError(f"ratios must lie in [0, 1), got {self.ratios}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.batch_size < 1 or self.pad_multiple < 1 or self.timing_repeats < 1:
-            raise ValueError("batch_size, pad_multiple and timing_repeats must be >= 1")
+        if self.batch_size < 1 or self.pad_multiple < 1 or self.timing_repeats < 1 or self.timing_batches < 0:
+            raise ValueError("batch_size, pad_multiple and timing_repeats must be >= 1, timing_batches >= 0")
         labels = [p.label or p.name for p in self.presses]
         if len(set(labels)) != len(labels) or FULL_KV in labels:
             raise ValueError(f"press labels must be distinct and not {FULL_KV!r}: {labels}")
@@ -237,11 +239,13 @@ class _Timer:
 
 
 def _run_batch(model, batch: list[EvalSample], task: EvalTask, press, cfg: EvalConfig, eos: tuple[int, ...],
-               pad_id: int, warm_up: bool, responses: dict[str, list[int]] | None) -> tuple[list[dict], dict]:
-    """Compress (or fully prefill), append the question if agnostic, generate, score, and measure.
+               pad_id: int, *, measure: bool, warm_up: bool, oracle: OracleLabels | None) -> tuple[list[dict], dict]:
+    """Compress (or fully prefill), append the question if agnostic, generate, score, and (measure)
+    time compress against a plain prefill: best of `timing_repeats` alternating runs, after one warm-up
+    run of each when the shape is new (compilation excluded).
 
     Returns per-sample records and the batch's timings {compress_ms, prefill_ms} (ms for the whole
-    padded batch)."""
+    padded batch; empty when not measured)."""
     from lkv_jax.generation import _greedy_loop  # the jitted greedy loop generate() runs, from any cache
 
     agnostic = cfg.mode == "question-agnostic"
@@ -262,38 +266,33 @@ def _run_batch(model, batch: list[EvalSample], task: EvalTask, press, cfg: EvalC
         _block(out)
         return out
 
-    def timed(fn, *args):
-        # best of `timing_repeats` runs: the minimum is the least disturbed by other load on the machine
-        best, result = float("inf"), None
-        for _ in range(cfg.timing_repeats if cfg.measure_overhead else 1):
+    # (what this batch needs, the plain-prefill baseline it is timed against)
+    main = (lambda: run_prefill(room)) if press is None else run_compress
+    base = None if press is None else (lambda: run_prefill(0))
+    if measure and warm_up:
+        main()
+        if base is not None:
+            base()
+    best_main = best_base = float("inf")
+    for _ in range(cfg.timing_repeats if measure else 1):
+        # alternate the two so a change of load on the machine hits both alike
+        t = _Timer()
+        out = main()
+        best_main = min(best_main, t.ms())
+        if measure and base is not None:
             t = _Timer()
-            result = fn(*args)
-            best = min(best, t.ms())
-        return result, best
+            base()
+            best_base = min(best_base, t.ms())
+    if measure:
+        if press is None:
+            timing["prefill_ms"] = best_main
+        else:
+            timing["compress_ms"], timing["prefill_ms"] = best_main, best_base
 
     kept_positions = None
     if press is None:
-        if warm_up:
-            run_prefill(room)
-        (cache, logits), timing["prefill_ms"] = timed(run_prefill, room)
+        cache, logits = out
     else:
-        if warm_up:
-            run_compress()
-            if cfg.measure_overhead:
-                run_prefill(0)
-        # alternate compress and prefill so a change of load on the machine hits both alike
-        best_c = best_p = float("inf")
-        for _ in range(cfg.timing_repeats if cfg.measure_overhead else 1):
-            t = _Timer()
-            out = run_compress()
-            best_c = min(best_c, t.ms())
-            if cfg.measure_overhead:
-                t = _Timer()
-                run_prefill(0)
-                best_p = min(best_p, t.ms())
-        timing["compress_ms"] = best_c
-        if cfg.measure_overhead:
-            timing["prefill_ms"] = best_p
         cache, logits = out.cache.grow(room), out.logits
         kept_positions = [np.asarray(k) for k in out.kept_positions]
     if agnostic and Q:
@@ -313,31 +312,47 @@ def _run_batch(model, batch: list[EvalSample], task: EvalTask, press, cfg: EvalC
                         "score": float(task.score(prediction, s)), "n_prompt": len(s.prompt_ids),
                         "n_context": len(s.context_ids), "n_question": len(s.question_ids),
                         "generated_ids": generated})
-    if press is not None and responses is not None:
-        _add_oracle(model, batch, records, kept_positions, responses, cfg, agnostic)
+    if press is not None and oracle is not None:
+        labels = oracle.labels(model, batch, cfg)
+        for i, s in enumerate(batch):
+            n_all = len(s.prompt_ids)
+            n_compressed = len(s.context_ids) if agnostic else n_all
+            kept = []
+            for layer_kept in kept_positions:
+                m = np.zeros((layer_kept.shape[1], n_all), bool)
+                m[:, :n_compressed] = kept_mask(layer_kept[i], n_compressed)
+                kept.append(m)
+            always = np.arange(n_all) >= n_compressed  # the question, appended after compression
+            records[i]["oracle_coverage"] = coverage(labels[i], kept, always).tolist()
     return records, timing
 
 
-def _add_oracle(model, batch, records, kept_positions, responses, cfg: EvalConfig, agnostic: bool) -> None:
-    """Per-layer coverage of the FullKV response's attention by each sample's kept positions."""
-    B = cfg.batch_size
-    ids, mask = _padded([s.prompt_ids for s in batch], B, cfg.pad_multiple)
-    prompt = prepare_prompt(ids, mask, cfg.chunk_size, model.config.vocab_size)
-    resp = [responses[s.id] for s in batch]
-    resp = resp + [resp[0]] * (B - len(resp))
-    r_len = max(len(r) for r in resp)
-    r_ids, r_mask = pad_right(resp, int(math.ceil(r_len / 16) * 16))  # few response shapes, few compilations
-    labels = slots_to_positions(response_labels(model, prompt, r_ids, r_mask), np.asarray(prompt.valid))
-    for i, s in enumerate(batch):
-        n_ctx, n_all = len(s.context_ids), len(s.prompt_ids)
-        n_compressed = n_ctx if agnostic else n_all
-        kept = []
-        for layer_kept in kept_positions:
-            m = np.zeros((layer_kept.shape[1], n_all), bool)
-            m[:, :n_compressed] = kept_mask(layer_kept[i], n_compressed)
-            kept.append(m)
-        always = np.arange(n_all) >= n_compressed
-        records[i]["oracle_coverage"] = coverage(labels[i], kept, always).tolist()
+class OracleLabels:
+    """The FullKV responses of a task and, computed on first use, each sample's response-attention label
+    (float32 [n_layers, N, n_prompt] in position space), kept in memory up to `max_bytes` so the cells
+    of every press and budget share one computation."""
+
+    def __init__(self, responses: dict[str, list[int]], max_bytes: int = 1 << 30):
+        self.responses = responses
+        self.max_bytes = max_bytes
+        self.cache: dict[str, np.ndarray] = {}
+        self.bytes = 0
+
+    def labels(self, model, batch: list[EvalSample], cfg: EvalConfig) -> list[np.ndarray]:
+        if all(s.id in self.cache for s in batch):
+            return [self.cache[s.id] for s in batch]
+        B = cfg.batch_size
+        ids, mask = _padded([s.prompt_ids for s in batch], B, cfg.pad_multiple)
+        prompt = prepare_prompt(ids, mask, cfg.chunk_size, model.config.vocab_size)
+        resp = [self.responses[s.id] for s in batch]
+        resp = resp + [resp[0]] * (B - len(resp))
+        r_ids, r_mask = pad_right(resp, _bucket(max(len(r) for r in resp), 16))  # few shapes, few compiles
+        labels = slots_to_positions(response_labels(model, prompt, r_ids, r_mask), np.asarray(prompt.valid))
+        for s, lab in zip(batch, labels, strict=False):
+            if self.bytes + lab.nbytes <= self.max_bytes:
+                self.cache[s.id] = lab
+                self.bytes += lab.nbytes
+        return labels[: len(batch)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,7 +377,7 @@ def _summary(records: list[dict], timings: list[dict]) -> dict:
 
 
 def run_cell(model, task: EvalTask, press_spec: PressSpec | None, setting: Setting | None, cfg: EvalConfig,
-             out_dir, *, adapter=None, responses: dict[str, list[int]] | None = None, progress=None) -> dict:
+             out_dir, *, adapter=None, oracle: OracleLabels | None = None, progress=None) -> dict:
     """Run (or read back) one cell; press_spec None is FullKV. Returns the cell dict (as written)."""
     label = FULL_KV if press_spec is None else (press_spec.label or press_spec.name)
     setting_label = "full" if press_spec is None else setting.label
@@ -378,20 +393,21 @@ def run_cell(model, task: EvalTask, press_spec: PressSpec | None, setting: Setti
     eos = task.eos_token_ids if task.eos_token_ids is not None else tuple(cfg_model.eos_token_id or ())
     eos = tuple(int(e) for e in eos)
     pad_id = cfg_model.pad_token_id if cfg_model.pad_token_id is not None else (eos[0] if eos else 0)
-    records, timings, seen = [], [], set()
+    records, timings, warmed = [], [], set()
     agnostic = cfg.mode == "question-agnostic"
     for batch in _batches(task.samples, cfg.batch_size, agnostic):
         if progress is not None:
             progress.set_postfix_str(f"{task.name} {label} {setting_label}", refresh=False)
-        # a new padded shape compiles: run it once untimed first so timings measure execution only
+        measure = cfg.measure_overhead and (cfg.timing_batches == 0 or len(timings) < cfg.timing_batches)
+        # a new padded shape compiles: a measured batch runs it once untimed first
         shape = (_bucket(max(len(s.context_ids if agnostic else s.prompt_ids) for s in batch), cfg.pad_multiple),
                  len(batch[0].question_ids) if agnostic else 0)
-        recs, tm = _run_batch(model, batch, task, press, cfg, eos, int(pad_id),
-                              warm_up=cfg.measure_overhead and shape not in seen,
-                              responses=responses if cfg.oracle else None)
-        seen.add(shape)
+        recs, tm = _run_batch(model, batch, task, press, cfg, eos, int(pad_id), measure=measure,
+                              warm_up=shape not in warmed, oracle=oracle if cfg.oracle else None)
+        if measure:
+            warmed.add(shape)
+            timings.append(tm)
         records.extend(recs)
-        timings.append(tm)
         if progress is not None:
             progress.update(len(batch))
     order = {s.id: i for i, s in enumerate(task.samples)}
@@ -425,7 +441,7 @@ def run_eval(model, tasks: list[EvalTask], cfg: EvalConfig, out_dir, *, adapter=
         for task in tasks:
             full = run_cell(model, task, None, None, cfg, out_dir, progress=bar)
             cells.append(full)
-            responses = {r["id"]: r["generated_ids"] for r in full["samples"]} if cfg.oracle else None
+            oracle = OracleLabels({r["id"]: r["generated_ids"] for r in full["samples"]}) if cfg.oracle else None
             for spec in cfg.presses:
                 for setting in cfg.settings:
                     try:
@@ -438,7 +454,7 @@ def run_eval(model, tasks: list[EvalTask], cfg: EvalConfig, out_dir, *, adapter=
                         bar.update(len(task.samples))
                         continue
                     cells.append(run_cell(model, task, spec, setting, cfg, out_dir, adapter=adapter,
-                                          responses=responses, progress=bar))
+                                          oracle=oracle, progress=bar))
     finally:
         bar.close()
     _write_json(out_dir / "run.json", {"tasks": names, "presses": [p.label or p.name for p in cfg.presses],
