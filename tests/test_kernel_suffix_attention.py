@@ -191,7 +191,7 @@ LOWERED_AS = {"gpu": ("cuda", "__gpu$xla.gpu.triton"), "tpu": ("tpu", "tpu_custo
 
 
 @pytest.mark.parametrize("target", ["gpu", "tpu"])
-@pytest.mark.parametrize("L,N,K,H,S,reduce", [(32, 32, 8, 128, 8192, "mean"), (1, 8, 8, 64, 1000, "max"),
+@pytest.mark.parametrize("L,N,K,H,S,reduce", [(32, 32, 8, 128, 8192, "mean"), (1, 8, 8, 64, 3000, "max"),
                                                   (128, 16, 4, 128, 2048, "max")])
 def test_kernels_lower_for_the_hardware(target, L, N, K, H, S, reduce):
     """Cross-platform lowering on CPU runs Pallas' Triton / Mosaic TPU lowering, with their block-shape

@@ -7,21 +7,24 @@ short suffixes. Pass 1 computes each row's float32 softmax statistics (running m
 pass 2 recomputes the logits, normalises them with the final statistics, accumulates the output and
 reduces the probabilities of each key over the rows (mean or max). Keys are read twice, values once.
 
-Masks are folded into two int32 vectors: a key's position (INT_MAX when invalid or padding) must be
-<= the row's query position (INT_MIN for padding rows). Two drivers share the per-block math:
+Masks are folded into two int32 vectors: a key's position (INT_MAX when invalid) must be <= the
+row's query position (INT_MIN for padding rows). The kernels cover whole blocks read in place from
+the unpadded cache (never a padded copy); the last S % block_s keys (GPU: the keys after the last
+whole chunk of blocks) are merged in jnp with the same statistics. Two drivers share the block math:
 
 - "tpu": grid (B, K, S / block_s), S innermost and sequential ("arbitrary"), accumulators live in the
   resident output blocks; block shapes obey Mosaic TPU's rule (last two dims multiples of (8, 128) or
   the full dims). Runs on CPU with interpret=True or interpret=pltpu.InterpretParams().
-The kernels cover whole blocks read in place from the unpadded cache (never a padded copy); the last
-S % block keys (GPU: the keys after the last whole chunk) are merged in jnp with the same statistics.
-
 - "gpu": grid (B, K, M / 128, n_split) of independent programs (row blocks of at most 128 rows, so
   the float32 accumulator fits in registers; a flash-decoding style split over S, so a batch of 1
   with 8 KV heads still fills an H100/H200), each looping over its chunk with fori_loop; partial
   statistics, outputs and scores are combined in jnp. Lowered through Triton (`compiler_params=
-  pallas.triton.CompilerParams`): power-of-two block shapes, no bool refs. It runs on CPU with
-  interpret=True; its Triton lowering has not been run here (no GPU was available).
+  pallas.triton.CompilerParams`): power-of-two loads and stores, no bool refs, no slicing of values.
+  It runs on CPU with interpret=True.
+
+Both lower on CPU through cross-platform lowering (the Triton and Mosaic TPU lowerings, with their
+block-shape checks, see the tests); the device compile (ptxas / libtpu) and speed are unverified
+here: no GPU or TPU was available.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from pallas_kernels.suffix_attention.reference import NEG, REDUCES, score_weight
 TARGETS = ("tpu", "gpu")
 INT_MAX = 2 ** 31 - 1
 INT_MIN = -(2 ** 31)
-DEFAULT_BLOCK_S = {"tpu": 512, "gpu": 64}
+DEFAULT_BLOCK_S = {"tpu": 1024, "gpu": 64}
 GPU_PROGRAMS = 264  # about two waves of programs on a 132-SM H100/H200
 GPU_BLOCK_M = 128  # query rows per GPU program
 

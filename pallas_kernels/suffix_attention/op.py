@@ -87,7 +87,7 @@ def suffix_attention(q, q_pos, keys, values, key_pos, key_valid, *, score_mask=N
 
     implementation: None picks "pallas" on GPU/TPU and "xla" (the dense jnp reference) on CPU;
     "pallas" with interpret=True (or a `pltpu.InterpretParams()`) runs the kernel anywhere.
-    block_s: keys per block (TPU: multiple of 128, default 512; GPU: power of two, default 64); S is
+    block_s: keys per block (TPU: multiple of 128, default 1024; GPU: power of two, default 64); S is
     padded to whole blocks inside. target: the Pallas driver, "tpu" or "gpu" (default: this machine's;
     CPU uses the TPU layout).
     Differentiable either way: the "pallas" path has a custom VJP whose backward is the reference's.
