@@ -45,10 +45,10 @@ def setup(tmp_path_factory):
     model = lkv_jax.load_hf(model_dir, dtype="float32")
     rs = np.random.RandomState(0)
     prompts = [list(rs.randint(3, 128, PROMPT_LEN)) for _ in range(N_TRAIN + N_TEST)]
-    # equal lengths and one batch: one compilation of generate and of the labels
-    make_label_dataset(model, prompts[:N_TRAIN], root / "train", max_new_tokens=12, batch_size=N_TRAIN,
+    # equal lengths and one batch shape: one compilation of generate and of the labels
+    make_label_dataset(model, prompts[:N_TRAIN], root / "train", max_new_tokens=12, batch_size=32,
                        progress=False)
-    make_label_dataset(model, prompts[N_TRAIN:], root / "test", max_new_tokens=12, batch_size=N_TEST,
+    make_label_dataset(model, prompts[N_TRAIN:], root / "test", max_new_tokens=12, batch_size=32,
                        progress=False)
     return {"root": root, "model": model, "model_dir": model_dir}
 

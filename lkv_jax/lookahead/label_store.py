@@ -118,6 +118,13 @@ class LabelDataset:
         return np.asarray([r["prompt_len"] for r in self.index], np.int64)
 
 
+def length_bucket(n: int, chunk_size: int) -> int:
+    """Padded length for n tokens: a power of two >= 16 up to chunk_size, then a multiple of chunk_size."""
+    if n <= chunk_size:
+        return min(max(16, 1 << (n - 1).bit_length()), -(-chunk_size // 8) * 8)
+    return -(-n // chunk_size) * chunk_size
+
+
 def make_label_dataset(model, prompts, out_dir, *, max_new_tokens: int = 512, batch_size: int = 8,
                        label_dtype: str = "float32", eos_token_id=None, chunk_size: int = 512,
                        progress: bool = True) -> Path:
@@ -154,10 +161,16 @@ def make_label_dataset(model, prompts, out_dir, *, max_new_tokens: int = 512, ba
     for s in range(0, len(todo), batch_size):
         batch = todo[s: s + batch_size]
         ps = [prompts[i] for i in batch]
-        responses = generate_responses(model, ps, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                                       chunk_size=chunk_size)
-        labels = compute_labels(model, ps, responses, chunk_size=chunk_size)
-        for i, p, r, lab in zip(batch, ps, responses, labels, strict=True):
+        # static shapes (a full batch, bucketed lengths) so that few batches compile anew; filler rows
+        # repeat the last prompt and are dropped
+        filled = ps + [ps[-1]] * (batch_size - len(ps))
+        T = length_bucket(max(len(p) for p in ps), chunk_size)
+        responses = generate_responses(model, filled, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                       chunk_size=chunk_size, prompt_length=T)
+        R = length_bucket(max(len(r) for r in responses), chunk_size)
+        labels = compute_labels(model, filled, responses, chunk_size=chunk_size, prompt_length=T,
+                                response_length=R)
+        for i, p, r, lab in zip(batch, ps, responses, labels, strict=False):
             write_sample(out, i, p, r, lab, label_dtype)
         bar.update(len(batch))
     bar.close()

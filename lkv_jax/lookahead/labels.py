@@ -67,18 +67,20 @@ def pad_left(rows, length: int | None = None, pad: int = 0) -> tuple[np.ndarray,
     return ids, mask
 
 
-def compute_labels(model, prompts, responses, *, chunk_size: int = DEFAULT_CHUNK) -> list[np.ndarray]:
+def compute_labels(model, prompts, responses, *, chunk_size: int = DEFAULT_CHUNK, prompt_length: int | None = None,
+                   response_length: int | None = None) -> list[np.ndarray]:
     """Labels for a batch: prompts and responses are lists of token-id lists (responses non-empty).
 
+    prompt_length / response_length: pad to these (static shapes: fewer compilations across batches).
     Returns one float32 array [n_layers, N, len(prompt)] per sample.
     """
     if len(prompts) != len(responses) or not prompts:
         raise ValueError(f"need as many responses as prompts (>0), got {len(prompts)} and {len(responses)}")
     if any(len(r) == 0 for r in responses):
         raise ValueError("every response needs at least one token to define a label")
-    ids, mask = pad_left(prompts)
+    ids, mask = pad_left(prompts, prompt_length)
     prompt = prepare_prompt(ids, mask, chunk_size, model.config.vocab_size)
-    r_ids, r_mask = pad_right(responses)
+    r_ids, r_mask = pad_right(responses, response_length)
     model.config.check_length(ids.shape[1] + r_ids.shape[1])
     graphdef, params = nnx.split(model)
     lab = np.asarray(_labels_jit(graphdef, params, prompt.ids, prompt.valid, prompt.positions,
@@ -98,11 +100,12 @@ def trim_response(tokens, eos_ids) -> list[int]:
 
 
 def generate_responses(model, prompts, *, max_new_tokens: int = 512, eos_token_id=None,
-                       chunk_size: int = DEFAULT_CHUNK) -> list[list[int]]:
-    """The model's own greedy responses to a batch of prompts (token-id lists), EOS included if reached."""
+                       chunk_size: int = DEFAULT_CHUNK, prompt_length: int | None = None) -> list[list[int]]:
+    """The model's own greedy responses to a batch of prompts (token-id lists), EOS included if reached.
+    prompt_length: left-pad the batch to this length (static shapes across batches)."""
     from lkv_jax.generation import generate
 
-    ids, mask = pad_left(prompts)
+    ids, mask = pad_left(prompts, prompt_length)
     eos = model.config.eos_token_id if eos_token_id is None else (
         (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
     out = generate(model, ids, max_new_tokens, attention_mask=mask, eos_token_id=eos or None,
