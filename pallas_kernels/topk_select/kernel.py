@@ -98,7 +98,9 @@ def topn_cuts(keys, counts, *, target: str = "tpu", interpret=False):
             functools.partial(_tpu_kernel, n_idx_bits=n_idx_bits), grid=(C, Rp // 8),
             in_specs=[pl.BlockSpec((8, Sp), lambda c, i: (i, 0)), cut_spec], out_specs=[cut_spec, cut_spec],
             out_shape=out_shape, interpret=interpret, name="topn_cuts",
-            compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+            # a whole row block lives in VMEM (double-buffered, plus compare temporaries): 4 MiB at S = 128K
+            compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"),
+                                                 vmem_limit_bytes=min(64 << 20, max(32 << 20, 8 * 8 * Sp * 4))),
         )(keys, counts[:, :, None])
         return t[:, :R, 0], j[:, :R, 0]
     cut_spec = pl.BlockSpec((None, 1), lambda c, r: (c, r))
