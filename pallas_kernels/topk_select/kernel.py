@@ -9,7 +9,8 @@ t_idx (the index of the last tie that still fits). Each pass is a compare + sum 
 - "tpu": grid (2, R / 8): blocks of 8 rows x the whole padded row in VMEM (last two block dims
   (8, S) with S a multiple of 128), the two counts (n_kept, keep_count) on the leading grid axis.
 - "gpu": grid (2, R), one program per row, each count pass a fori_loop over 1024-key chunks
-  (Triton; not run here: no GPU was available).
+  (Triton). Both drivers pass their lowering (Triton / Mosaic TPU) on CPU via cross-platform lowering;
+  device compile and speed are unverified: no GPU or TPU was available.
 """
 
 from __future__ import annotations
