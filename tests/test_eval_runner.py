@@ -123,6 +123,12 @@ def test_runner_end_to_end_writes_cells_table_plots_and_resumes(tiny, tmp_path, 
     # other inputs under the same task name (another seed) are not mistaken for the finished cells
     with pytest.raises(AssertionError, match="recomputed"):
         run_eval(model, [make_task(hf, seed=5)], cfg, tmp_path, progress=False)
+    # a smaller grid into the same folder reads its cells back; the report shows that grid only
+    sub = EvalConfig(presses=(PressSpec.parse("keepfirst"),), budgets=(8,), batch_size=2, oracle=False)
+    run_eval(model, [task], sub, tmp_path, progress=False)
+    table = write_report(tmp_path)["table"].read_text()
+    assert "| keepfirst |" in table and "| fullkv |" in table
+    assert "streamingllm" not in table and "budget 16" not in table
 
 
 def test_question_agnostic_full_cache_matches_query_aware_reference(tiny, tmp_path):

@@ -19,17 +19,28 @@ import numpy as np
 from lkv_jax.evaluation.runner import FULL_KV
 
 
-def load_cells(out_dir) -> list[dict]:
-    """Every complete cell JSON under out_dir/cells (per-sample records dropped)."""
+def load_cells(out_dir, *, only_last_run: bool = True) -> list[dict]:
+    """The complete cell JSONs under out_dir/cells (per-sample records dropped). With only_last_run,
+    and when out_dir/run.json exists, only the cells of the last run's grid (tasks, presses, settings):
+    cells left by earlier runs into the same folder stay on disk but out of the tables."""
+    grid = None
+    run_file = Path(out_dir, "run.json")
+    if only_last_run and run_file.is_file():
+        grid = json.loads(run_file.read_text())
     cells = []
     for path in sorted(Path(out_dir, "cells").rglob("*.json")):
         try:
             cell = json.loads(path.read_text())
         except json.JSONDecodeError:
             continue
-        if cell.get("complete"):
-            cell.pop("samples", None)
-            cells.append(cell)
+        if not cell.get("complete"):
+            continue
+        if grid is not None and (cell["task"] not in grid["tasks"] or cell.get("mode") != grid["mode"] or (
+                cell["press"] != FULL_KV and (cell["press"] not in grid["presses"]
+                                              or cell["setting"] not in grid["settings"]))):
+            continue
+        cell.pop("samples", None)
+        cells.append(cell)
     if not cells:
         raise FileNotFoundError(f"no complete cell under {Path(out_dir) / 'cells'}; run the evaluation first")
     return cells

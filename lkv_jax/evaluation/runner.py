@@ -293,7 +293,9 @@ def _run_batch(model, batch: list[EvalSample], task: EvalTask, press, cfg: EvalC
     if press is None:
         cache, logits = out
     else:
-        cache, logits = out.cache.grow(room), out.logits
+        # room to decode, rounded up so budgets of one bucket share one compiled greedy loop
+        n_slots = out.cache.capacity(0)
+        cache, logits = out.cache.grow(_bucket(n_slots + room, cfg.pad_multiple) - n_slots), out.logits
         kept_positions = [np.asarray(k) for k in out.kept_positions]
     if agnostic and Q:
         q_rows = [s.question_ids for s in batch] + [batch[0].question_ids] * (B - n_real)
