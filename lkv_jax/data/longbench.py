@@ -186,7 +186,9 @@ def build_prompt(tokenizer, task: str, record: dict, max_length: int, *,
     question part the rest (and the chat template's assistant header). When the whole prompt exceeds
     max_length tokens it is truncated in the middle: the first int(max_length/2) tokens and the last
     int(max_length/2) are kept (the question part stays whole as long as it is shorter than half).
-    Tokenising the two parts separately may differ from tokenising the whole string at the boundary.
+    Tokenising the two parts separately may differ from tokenising the whole string at the boundary;
+    the official code truncates before applying a chat template, here the template's tokens count
+    within max_length (and truncation happens on tokens, without the official decode/re-encode).
     """
     context, question = split_prompt(task, record)
     use_chat = chat_template and task not in NO_CHAT_TEMPLATE_TASKS

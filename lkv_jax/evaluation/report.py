@@ -162,6 +162,15 @@ def _plt():
     return plt
 
 
+def _budget_axis(ax, grid) -> None:
+    """Budgets on a log-2 axis labelled with the budgets themselves (not powers of two)."""
+    if grid["kind"] == "budget" and len(grid["xs"]) > 1:
+        ax.set_xscale("log", base=2)
+        ax.minorticks_off()
+    if grid["xs"]:
+        ax.set_xticks(grid["xs"], [_x_label(grid, x) for x in grid["xs"]])
+
+
 def plot_scores(cells: list[dict], path) -> Path:
     """Score against budget (ratio): one panel per task and one for the average; FullKV dashed."""
     plt = _plt()
@@ -181,8 +190,7 @@ def plot_scores(cells: list[dict], path) -> Path:
         full = scores[task].get(FULL_KV, {})
         if full:
             ax.axhline(next(iter(full.values())), color="black", linestyle="--", linewidth=1, label="FullKV")
-        if grid["kind"] == "budget" and len(grid["xs"]) > 1:
-            ax.set_xscale("log", base=2)
+        _budget_axis(ax, grid)
         ax.set_title(task)
         ax.set_xlabel(grid["kind"])
         ax.set_ylabel("score")
@@ -240,8 +248,7 @@ def plot_oracle(cells: list[dict], path) -> Path | None:
         if cs.get(x0):
             per_layer = np.mean([c["oracle"]["coverage_per_layer"] for c in cs[x0]], axis=0)
             a2.plot(np.arange(len(per_layer)), per_layer, marker=".", label=press)
-    if grid["kind"] == "budget" and len(grid["xs"]) > 1:
-        a1.set_xscale("log", base=2)
+    _budget_axis(a1, grid)
     a1.set_xlabel(grid["kind"])
     a1.set_ylabel("coverage of response attention")
     a1.set_ylim(0, 1.02)
