@@ -190,3 +190,13 @@ def test_cli_synthetic_and_longbench(tmp_path):
     assert [r["id"] for r in js["samples"]] == ["lb0", "lb1"] and js["samples"][0]["answers"] == [vocab.words[50]]
     assert "oracle" in js and len(js["oracle"]["coverage_per_layer"]) == 2
     assert (out / "scores.png").is_file() and (out / "oracle.png").is_file()
+
+
+def test_batches_group_by_question_length_when_agnostic():
+    rng = np.random.RandomState(0)
+    samples = tuple(EvalSample(id=str(i), context_ids=rng.randint(4, 9, size=5 + i), question_ids=np.arange(q),
+                               answers=("",)) for i, q in enumerate([2, 3, 2, 3, 3]))
+    agn = runner_mod._batches(samples, 4, agnostic=True)
+    assert [[s.id for s in b] for b in agn] == [["0", "2"], ["1", "3", "4"]]
+    # query-aware batches only sort by prompt length
+    assert [[s.id for s in b] for b in runner_mod._batches(samples, 4, agnostic=False)] == [["0", "1", "2", "3"], ["4"]]

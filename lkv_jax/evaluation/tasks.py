@@ -147,15 +147,3 @@ def _synthetic_scorer() -> Callable[[str, EvalSample], float]:
 
     return score
 
-
-def tokenizer_for(model_dir) -> Any:
-    """The Hugging Face tokenizer saved beside a model (loaded offline)."""
-    from pathlib import Path
-
-    model_dir = Path(model_dir)
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"no tokenizer loadable from {model_dir} ({e}); pass --tokenizer DIR") from e
