@@ -123,6 +123,14 @@ def test_runner_end_to_end_writes_cells_table_plots_and_resumes(tiny, tmp_path, 
     # other inputs under the same task name (another seed) are not mistaken for the finished cells
     with pytest.raises(AssertionError, match="recomputed"):
         run_eval(model, [make_task(hf, seed=5)], cfg, tmp_path, progress=False)
+    # nor are the cells of another model (same shapes, other weights)
+    other = build_hf_model("llama", seed=1)
+    other_model = lkv_jax.load_hf(save_hf_model(other, tmp_path / "other"), dtype="float32")
+    assert runner_mod.model_fingerprint(other_model) != runner_mod.model_fingerprint(model)
+    reloaded = lkv_jax.load_hf(tiny[2], dtype="float32")
+    assert runner_mod.model_fingerprint(reloaded) == runner_mod.model_fingerprint(model)
+    with pytest.raises(AssertionError, match="recomputed"):
+        run_eval(other_model, [task], cfg, tmp_path, progress=False)
     # a smaller grid into the same folder reads its cells back; the report shows that grid only
     sub = EvalConfig(presses=(PressSpec.parse("keepfirst"),), budgets=(8,), batch_size=2, oracle=False)
     run_eval(model, [task], sub, tmp_path, progress=False)
@@ -161,6 +169,17 @@ def test_config_and_press_spec_errors():
         EvalConfig(presses=(spec, spec), budgets=(8,))
     with pytest.raises(ValueError, match="adapter"):
         PressSpec.parse("lookaheadkv").build(runner_mod.Setting("budget", 8))
+    # LookaheadKV cells are keyed on the adapter's weights too (retraining recomputes them)
+    import jax
+
+    from lkv_jax.config import ModelConfig
+    from lkv_jax.lookahead import init_adapter
+
+    mc = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=1, head_dim=8)
+    a, b = (init_adapter(mc, jax.random.key(k), n_lookahead=2) for k in (0, 1))
+    assert runner_mod.adapter_fingerprint(a) == runner_mod.adapter_fingerprint(a)
+    assert runner_mod.adapter_fingerprint(a) != runner_mod.adapter_fingerprint(b)
 
 
 def test_cli_synthetic_and_longbench(tmp_path):

@@ -72,12 +72,16 @@ class PressSpec:
             kwargs.append((k.strip(), value))
         return PressSpec(parts[0].lower(), tuple(kwargs), text.strip())
 
+    @property
+    def needs_adapter(self) -> bool:
+        return self.name.replace("_", "").replace("-", "") == "lookaheadkv"
+
     def build(self, setting: Setting, adapter=None):
         """The press at one budget or ratio (LookaheadKV gets the adapter)."""
         from lkv_jax.presses.registry import make_press
 
         kw = dict(self.kwargs)
-        if self.name.replace("_", "").replace("-", "") == "lookaheadkv":
+        if self.needs_adapter:
             if adapter is None:
                 raise ValueError("the lookaheadkv press needs an adapter (--adapter FILE)")
             kw["adapter"] = adapter
@@ -170,14 +174,33 @@ def task_fingerprint(task: EvalTask) -> str:
     return h.hexdigest()[:16]
 
 
-def _read_complete(path: Path, fingerprint: str, mode: str) -> dict | None:
+def model_fingerprint(model) -> str:
+    """A digest of the model's config and a per-tensor checksum of its weights (sums rounded to 6
+    significant digits, so the same checkpoint on another machine still matches)."""
+    h = hashlib.sha1(repr(model.config).encode())
+    for leaf in jax.tree_util.tree_leaves(nnx.state(model)):
+        h.update(f"{leaf.shape}:{float(jax.numpy.sum(leaf.astype(np.float32))):.6g}".encode())
+    return h.hexdigest()[:16]
+
+
+def adapter_fingerprint(adapter) -> str | None:
+    """A digest of every adapter tensor (None without an adapter)."""
+    if adapter is None:
+        return None
+    h = hashlib.sha1()
+    for leaf in jax.tree_util.tree_leaves(adapter):
+        h.update(np.asarray(leaf, np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _read_complete(path: Path, fingerprint: dict) -> dict | None:
     if not path.is_file():
         return None
     try:
         cell = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    ok = cell.get("complete") and cell.get("fingerprint") == fingerprint and cell.get("mode") == mode
+    ok = cell.get("complete") and all(cell.get(k) == v for k, v in fingerprint.items())
     return cell if ok else None
 
 
@@ -379,13 +402,19 @@ def _summary(records: list[dict], timings: list[dict]) -> dict:
 
 
 def run_cell(model, task: EvalTask, press_spec: PressSpec | None, setting: Setting | None, cfg: EvalConfig,
-             out_dir, *, adapter=None, oracle: OracleLabels | None = None, progress=None) -> dict:
-    """Run (or read back) one cell; press_spec None is FullKV. Returns the cell dict (as written)."""
+             out_dir, *, adapter=None, oracle: OracleLabels | None = None, progress=None,
+             model_fp: str | None = None) -> dict:
+    """Run (or read back) one cell; press_spec None is FullKV. Returns the cell dict (as written).
+    `model_fp`: the model's `model_fingerprint`, when the caller computed it already."""
     label = FULL_KV if press_spec is None else (press_spec.label or press_spec.name)
     setting_label = "full" if press_spec is None else setting.label
     path = cell_path(out_dir, label, setting_label, task.name)
-    fingerprint = task_fingerprint(task)
-    done = _read_complete(path, fingerprint, cfg.mode)
+    # what makes a finished cell reusable: same inputs, mode, model and (LookaheadKV) adapter
+    uses_adapter = press_spec is not None and press_spec.needs_adapter
+    fingerprint = {"fingerprint": task_fingerprint(task), "mode": cfg.mode,
+                   "model_fingerprint": model_fp if model_fp is not None else model_fingerprint(model),
+                   "adapter_fingerprint": adapter_fingerprint(adapter) if uses_adapter else None}
+    done = _read_complete(path, fingerprint)
     if done is not None:
         if progress is not None:
             progress.update(len(task.samples))
@@ -418,8 +447,7 @@ def run_cell(model, task: EvalTask, press_spec: PressSpec | None, setting: Setti
             "press_kwargs": {} if press_spec is None else dict(press_spec.kwargs), "setting": setting_label,
             "budget": None if setting is None or setting.kind != "budget" else int(setting.value),
             "ratio": None if setting is None or setting.kind != "ratio" else float(setting.value),
-            "task": task.name, "fingerprint": fingerprint, "mode": cfg.mode, "n_samples": len(records),
-            "batch_size": cfg.batch_size,
+            "task": task.name, **fingerprint, "n_samples": len(records), "batch_size": cfg.batch_size,
             **_summary(records, timings), "samples": records}
     _write_json(path, cell)
     return cell
@@ -437,11 +465,12 @@ def run_eval(model, tasks: list[EvalTask], cfg: EvalConfig, out_dir, *, adapter=
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     total = sum(len(t.samples) for t in tasks) * (1 + len(cfg.presses) * len(cfg.settings))
+    model_fp = model_fingerprint(model)
     bar = tqdm(total=total, desc="lkv eval", unit="sample", disable=not progress)
     cells = []
     try:
         for task in tasks:
-            full = run_cell(model, task, None, None, cfg, out_dir, progress=bar)
+            full = run_cell(model, task, None, None, cfg, out_dir, progress=bar, model_fp=model_fp)
             cells.append(full)
             oracle = OracleLabels({r["id"]: r["generated_ids"] for r in full["samples"]}) if cfg.oracle else None
             for spec in cfg.presses:
@@ -456,7 +485,7 @@ def run_eval(model, tasks: list[EvalTask], cfg: EvalConfig, out_dir, *, adapter=
                         bar.update(len(task.samples))
                         continue
                     cells.append(run_cell(model, task, spec, setting, cfg, out_dir, adapter=adapter,
-                                          oracle=oracle, progress=bar))
+                                          oracle=oracle, progress=bar, model_fp=model_fp))
     finally:
         bar.close()
     _write_json(out_dir / "run.json", {"tasks": names, "presses": [p.label or p.name for p in cfg.presses],
