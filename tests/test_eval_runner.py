@@ -198,14 +198,15 @@ def test_cli_synthetic_and_longbench(tmp_path):
             f.write(json.dumps({"input": "key ?", "context": words, "answers": [vocab.words[50 + i]], "length": 40,
                                 "dataset": "hotpotqa", "language": "en", "all_classes": None, "_id": f"lb{i}"}) + "\n")
     out = tmp_path / "run"
-    rc = main(["eval", "--model", model_dir, "--presses", "streamingllm", "--budgets", "16", "--tasks",
+    rc = main(["eval", "--model", model_dir, "--presses", "streamingllm", "--ratios", "0.5", "--tasks",
                "niah_single,longbench/hotpotqa", "--lengths", "48", "--n-samples", "2", "--batch-size", "2",
                "--longbench-dir", str(lb), "--max-length", "200", "--out", str(out), "--no-progress",
                "--no-overhead"])
     assert rc == 0
     table = (out / "results.md").read_text()
     assert "## Score: niah_single-48" in table and "## Score: longbench/hotpotqa" in table
-    js = json.loads((out / "cells/streamingllm/budget=16/longbench_hotpotqa.json").read_text())
+    assert "| press | ratio 0.5 |" in table
+    js = json.loads((out / "cells/streamingllm/ratio=0.5/longbench_hotpotqa.json").read_text())
     assert [r["id"] for r in js["samples"]] == ["lb0", "lb1"] and js["samples"][0]["answers"] == [vocab.words[50]]
     assert "oracle" in js and len(js["oracle"]["coverage_per_layer"]) == 2
     assert (out / "scores.png").is_file() and (out / "oracle.png").is_file()
