@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/tiny_target", help="checkpoints and metrics (resumable)")
     p.add_argument("--seed", type=int, default=0, help="seeds the initialisation and the training data")
     p.add_argument("--curriculum", default=DEFAULT_CURRICULUM,
-                   help="comma-separated length:steps:peak_lr:batch stages (default %(default)s)")
+                   help="comma-separated length:steps:lr:batch[:symbols] stages, symbols = alphabet size of "
+                        "the data (default %(default)s)")
     p.add_argument("--warmup", type=int, default=100, help="linear warmup steps at the start")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
@@ -66,18 +67,19 @@ def main(argv=None) -> int:
     print(f"{trainer.model.num_params()} parameters; "
           + (f"resumed at step {note['step']}" if note else "starting from scratch"), flush=True)
 
-    def batches(step, batch, length):
+    def batches(step, stage):
         # the data of a step depends only on (seed, step): a resumed run sees what the first run would have
-        return training_batch(np.random.default_rng([args.seed, step]), batch, length, vocab)
-
-    held_out = {L: training_batch(np.random.default_rng([args.seed, 10**9, L]), 16, L, vocab)
-                for L in sorted({s.length for s in stages})}
+        return training_batch(np.random.default_rng([args.seed, step]), stage.batch, stage.length, vocab,
+                              symbols=stage.symbols)
 
     def stage_end(stage, tr):
-        metrics = tr.evaluate(*held_out[stage.length])
-        print(json.dumps({"stage_end": stage.length, "step": tr.step, **metrics}), flush=True)
+        # held-out stream at the stage's length with the full alphabet
+        held_out = training_batch(np.random.default_rng([args.seed, 10**9, stage.length]), 16, stage.length, vocab)
+        metrics = tr.evaluate(*held_out)
+        print(json.dumps({"stage_end": stage.length, "symbols": stage.symbols, "step": tr.step, **metrics}),
+              flush=True)
         with open(workdir / "stages.jsonl", "a") as f:
-            f.write(json.dumps({"length": stage.length, "step": tr.step, **metrics}) + "\n")
+            f.write(json.dumps({"length": stage.length, "symbols": stage.symbols, "step": tr.step, **metrics}) + "\n")
 
     if not args.skip_training:
         workdir.mkdir(parents=True, exist_ok=True)

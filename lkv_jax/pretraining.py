@@ -65,17 +65,21 @@ class Stage:
     steps: int
     lr: float
     batch: int
+    symbols: int | None = None  # alphabet size of the training data (None: all), see training_stream
 
 
 def parse_curriculum(text: str) -> tuple[Stage, ...]:
-    """`"128:600:3e-3:32,256:600:2e-3:16"` -> stages (length:steps:lr:batch, comma separated)."""
+    """`"128:600:3e-3:32:16,256:600:2e-3:16"` -> stages (length:steps:lr:batch[:symbols], comma separated)."""
     stages = []
     for part in text.split(","):
         try:
-            length, steps, lr, batch = part.split(":")
-            stages.append(Stage(int(length), int(steps), float(lr), int(batch)))
+            fields = part.split(":")
+            if len(fields) not in (4, 5):
+                raise ValueError(part)
+            symbols = int(fields[4]) if len(fields) == 5 else None
+            stages.append(Stage(int(fields[0]), int(fields[1]), float(fields[2]), int(fields[3]), symbols))
         except ValueError as e:
-            raise ValueError(f"bad curriculum stage {part!r}; expected length:steps:lr:batch") from e
+            raise ValueError(f"bad curriculum stage {part!r}; expected length:steps:lr:batch[:symbols]") from e
     if not stages:
         raise ValueError("empty curriculum")
     return tuple(stages)
@@ -177,26 +181,26 @@ class Trainer:
         return note
 
 
-def run_curriculum(trainer: Trainer, stages: tuple[Stage, ...], batches: Callable[[int, int, int], tuple],
+def run_curriculum(trainer: Trainer, stages: tuple[Stage, ...], batches: Callable[[int, Stage], tuple],
                    *, warmup: int = 100, log_every: int = 25, checkpoint: str | Path | None = None,
                    checkpoint_every: int = 100, log: Callable[[str], None] = print,
                    on_stage_end: Callable[[Stage, Trainer], None] | None = None) -> Iterator[dict]:
     """Train through `stages` from `trainer.step` (so a restored trainer continues where it stopped).
 
-    batches(step, batch, length) -> (ids [B, T+1], weights [B, T+1]) must depend only on its arguments, so a
-    resumed run sees the same data. Yields a dict of metrics every `log_every` steps.
+    batches(step, stage) -> (ids [B, T+1], weights [B, T+1]) must depend only on its arguments, so a resumed
+    run sees the same data. Yields a dict of metrics every `log_every` steps.
     """
     total = sum(s.steps for s in stages)
     t0, tokens = time.time(), 0
     while trainer.step < total:
         step = trainer.step
         stage, lr = learning_rate(stages, step, warmup)
-        ids, weights = batches(step, stage.batch, stage.length)
+        ids, weights = batches(step, stage)
         loss, acc = trainer.train_step(ids, weights, lr)
         tokens += ids.size
         done = trainer.step
         if done % log_every == 0 or done == total:
-            rec = {"step": done, "length": stage.length, "lr": lr, "loss": loss, "token_acc": acc,
+            rec = {"step": done, "length": stage.length, "symbols": stage.symbols, "lr": lr, "loss": loss, "token_acc": acc,
                    "tokens_per_s": tokens / max(time.time() - t0, 1e-9)}
             log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}))
             yield rec

@@ -9,7 +9,7 @@ import pytest
 from lkv_jax.data.metrics import mean_score, string_match_all, string_match_part
 from lkv_jax.data.synthetic import TASKS, HFPromptEncoder, build_haystack, encode_builtin, generate_samples, niah_single
 from lkv_jax.data.training_stream import training_sequence
-from lkv_jax.data.vocab import VALUES, builtin_vocab
+from lkv_jax.data.vocab import NAMES, VALUES, builtin_vocab
 
 
 # ---------------------------------------------------------------------------------- brute force
@@ -226,6 +226,17 @@ def test_training_stream_supervises_exactly_the_answers():
             j = k
         np.testing.assert_array_equal(w, expected)  # supervised: exactly the answers (+ EOS) and the copies
     assert set(kinds) == {"key", "keys", "all", "chain", "list", "top", "copy"}
+
+
+def test_training_stream_small_alphabet():
+    v = builtin_vocab()
+    allowed = set(VALUES[:8]) | set(NAMES[:8])
+    for seed in range(6):
+        ids, _ = training_sequence(np.random.default_rng(seed), 256, v, symbols=8)
+        words = set(v.decode(ids).split())
+        assert words & set(VALUES) | words & set(NAMES) <= allowed
+    with pytest.raises(ValueError, match="symbols"):
+        training_sequence(np.random.default_rng(0), 64, v, symbols=2)
 
 
 # ---------------------------------------------------------------------------------- metrics

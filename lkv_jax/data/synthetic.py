@@ -23,7 +23,10 @@ vocabulary), the question excluded.
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -77,9 +80,9 @@ def _pick(rng: np.random.Generator, pool: Sequence[str], n: int) -> list[str]:
     return [pool[i] for i in rng.choice(len(pool), n, replace=False)]
 
 
-def value_words(rng: np.random.Generator, n: int) -> str:
-    """n value words (repeats allowed) as one string."""
-    return " ".join(VALUES[i] for i in rng.integers(0, len(VALUES), n))
+def value_words(rng: np.random.Generator, n: int, pool: Sequence[str] = VALUES) -> str:
+    """n words of `pool` (default: the value words; repeats allowed) as one string."""
+    return " ".join(pool[i] for i in rng.integers(0, len(pool), n))
 
 
 def key_record(key: str, value: str) -> str:
@@ -350,9 +353,6 @@ class HFPromptEncoder:
     """
 
     def __init__(self, directory, *, use_chat_template: bool = True, instructions: bool = True):
-        import json
-        from pathlib import Path
-
         from tokenizers import Tokenizer
 
         directory = Path(directory)
@@ -388,7 +388,9 @@ class HFPromptEncoder:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
-        env.filters["tojson"] = lambda x, indent=None, **_: __import__("json").dumps(x, indent=indent)
+        # Llama 3.x templates print today's date; a fixed date keeps prompts reproducible
+        env.globals["strftime_now"] = lambda fmt: datetime.date(2026, 1, 1).strftime(fmt)
+        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, indent=indent)
         return env.from_string(self.chat_template).render(
             messages=[{"role": "user", "content": user}], add_generation_prompt=True,
             bos_token=self.special["bos_token"] or "", eos_token=self.special["eos_token"] or "")
