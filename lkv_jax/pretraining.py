@@ -200,8 +200,8 @@ def run_curriculum(trainer: Trainer, stages: tuple[Stage, ...], batches: Callabl
         tokens += ids.size
         done = trainer.step
         if done % log_every == 0 or done == total:
-            rec = {"step": done, "length": stage.length, "symbols": stage.symbols, "lr": lr, "loss": loss, "token_acc": acc,
-                   "tokens_per_s": tokens / max(time.time() - t0, 1e-9)}
+            rec = {"step": done, "length": stage.length, "symbols": stage.symbols, "lr": lr, "loss": loss,
+                   "token_acc": acc, "tokens_per_s": tokens / max(time.time() - t0, 1e-9)}
             log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}))
             yield rec
         if checkpoint is not None and (done % checkpoint_every == 0 or done == total):
