@@ -163,6 +163,8 @@ def test_training_lowers_kl_and_beats_snapkv(setup):
                                                                  n_lookahead=8), budget=budget), budget)
     snap4 = held_out_recall(setup, SnapKVPress(budget=budget, window_size=4), budget)
     snap1 = held_out_recall(setup, SnapKVPress(budget=budget, window_size=1, kernel_size=1), budget)
+    print(f"KL {first:.3f} -> {last:.3f}; held-out recall@{budget}: trained {trained:.3f}, untrained {fresh:.3f}, "
+          f"SnapKV w4 {snap4:.3f}, SnapKV w1 {snap1:.3f}")
     assert trained > max(snap4, snap1) + 0.05 and trained > fresh, (trained, fresh, snap4, snap1)
     saved = load_adapter(setup["root"] / "learn" / "adapter.safetensors", setup["model"].config)
     np.testing.assert_array_equal(np.asarray(saved.embeddings), np.asarray(ad.embeddings))

@@ -20,3 +20,14 @@ __all__ = [
     "lookahead_glimpse", "make_label_dataset", "param_summary", "read_prompts", "response_labels_pure",
     "save_adapter",
 ]
+
+_TRAINING = ("TrainConfig", "TrainingDivergedError", "make_optimizer", "train", "train_step")
+
+
+def __getattr__(name: str):
+    # training pulls in optax/orbax/grain: loaded on first use, not with `import lkv_jax`
+    if name in _TRAINING:
+        from lkv_jax.lookahead import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module 'lkv_jax.lookahead' has no attribute {name!r}")
