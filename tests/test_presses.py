@@ -330,7 +330,7 @@ def test_budget_at_least_prompt_generates_like_full_kv(models, prompts, make):
     np.testing.assert_array_equal(got, full)
 
 
-@pytest.mark.parametrize("make", [SCORERS[1], SCORERS[4]])
+@pytest.mark.parametrize("make", [SCORERS[1]])
 def test_batch_of_two_equals_two_single_runs(models, prompts, make):
     _, model = models
     ids, mask = batch(prompts)

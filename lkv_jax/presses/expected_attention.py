@@ -43,9 +43,10 @@ class QueryMomentObserver(PrefillObserver):
         s1, s2, count = state
         q = apply_rope(chunk.q.astype(jnp.float32), -chunk.positions, self.inv_freq)  # undo RoPE
         w = (chunk.valid & (chunk.positions >= self.n_sink)).astype(jnp.float32)
-        s1 = s1 + jnp.einsum("bcnh,bc->bnh", q, w)
-        if s2 is not None:
-            s2 = s2 + jnp.einsum("bcnh,bcni,bc->bnhi", q, q, w)
+        qw = q * w[:, :, None, None]
+        s1 = s1 + qw.sum(1)
+        if s2 is not None:  # two-operand einsums: one batched matmul each, no [B, C, N, H, H] temporary
+            s2 = s2 + jnp.einsum("bcnh,bcni->bnhi", qw, q)
         return s1, s2, count + w.sum(1)
 
 
@@ -109,7 +110,8 @@ class ExpectedAttentionPress(BasePress):
             if s2 is not None:
                 cov = s2 / count[:, None, None, None] - mu[..., :, None] * mu[..., None, :]
                 cov_r = jnp.einsum("bij,bnjk,blk->bnil", R, cov, R).reshape(B, K, G, H, H)
-                logit = logit + jnp.einsum("bksh,bkghi,bksi->bkgs", keys, cov_r, keys) / H / 2
+                kc = jnp.einsum("bksh,bkghi->bkgsi", keys, cov_r)
+                logit = logit + jnp.einsum("bkgsi,bksi->bkgs", kc, keys) / H / 2
             logit = jnp.where(scored[:, None, None, :], logit, _NEG)
             p = jnp.exp(logit - logit.max(-1, keepdims=True))
             p = jnp.where(scored[:, None, None, :], p, 0.0)

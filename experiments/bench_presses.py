@@ -1,0 +1,177 @@
+"""Eviction overhead of every press, as a percentage of plain prefill time, on the benchmark model.
+
+    python experiments/bench_presses.py                  # 4K and 16K tokens (the issue's setting)
+    python experiments/bench_presses.py --quick          # 512 and 1K tokens, two repeats (minutes on a shared CPU)
+    python experiments/bench_presses.py --presses snapkv,tova --lengths 8192 --budget 256
+
+Model: Llama, 8 layers, hidden 512, 8 heads, 2 KV heads, float32, random init, built with lkv_jax directly
+(SpecKV's draft: the same shape with 2 layers). For each prompt length: the median time of the jitted plain
+prefill (last-token logits) and, per press, of the whole `press.compress` (prefill + scoring + eviction;
+SpecKV includes its draft generation, LAQ its pseudo-token decoding), best of --repeats runs with the
+prefill and the press run alternately (the machine's load hits both alike); overhead = press / prefill - 1.
+
+Side by side with NVIDIA kvpress (SnapKV on the same weights through transformers) when `kvpress` is
+importable (the optional `ref` extra); otherwise the script says so and runs without it.
+Prints a table and writes JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lkv_jax.config import ModelConfig  # noqa: E402
+from lkv_jax.inference import _prefill_jit, prepare_prompt  # noqa: E402
+from lkv_jax.models.transformer import Transformer  # noqa: E402
+from lkv_jax.presses import make_press  # noqa: E402
+
+DEFAULT_PRESSES = ("streamingllm", "knorm", "random", "tova", "snapkv", "snapkv-paper", "pyramidkv",
+                   "observed-attention", "expected-attention", "adakv-snapkv", "laq", "speckv")
+
+
+def bench_config(n_layers: int = 8, vocab: int = 32000) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab, hidden_size=512, intermediate_size=1408, num_hidden_layers=n_layers,
+                       num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=32768,
+                       eos_token_id=(2,))
+
+
+def time_it(fn, repeats: int) -> float:
+    """Best of `repeats` runs after a warm-up (the minimum is the least disturbed by other processes)."""
+    fn()  # warm-up / compile
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def time_pair(base, fn, repeats: int) -> tuple[float, float]:
+    """Best-of times of `base` and `fn`, run alternately so both see the same machine load."""
+    base()
+    fn()
+    tb, tf = [], []
+    for _ in range(repeats):
+        for f, acc in ((base, tb), (fn, tf)):
+            t0 = time.perf_counter()
+            f()
+            acc.append(time.perf_counter() - t0)
+    return min(tb), min(tf)
+
+
+def kvpress_snapkv_seconds(model, ids, budget: int, repeats: int):
+    """kvpress SnapKVPress (window 64, kernel 5, the ratio matching `budget`) prefill on the same weights,
+    or None with the reason when kvpress is not importable."""
+    try:
+        import kvpress  # noqa: F401
+        import torch
+        import transformers
+    except ImportError as e:
+        return None, f"kvpress not installed ({e.name}); pip install kvpress for the side-by-side"
+    import tempfile
+
+    from kvpress import SnapKVPress as KvSnapKV
+
+    from lkv_jax.checkpoint.hf import save_hf
+
+    with tempfile.TemporaryDirectory() as d:
+        save_hf(model, d)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32,
+                                                               attn_implementation="sdpa").eval()
+    T = ids.shape[1]
+    press = KvSnapKV(compression_ratio=max(0.0, 1.0 - budget / T))
+    x = torch.tensor(ids)
+
+    def run():
+        with torch.no_grad(), press(hf):
+            hf(x, use_cache=True, logits_to_keep=1)
+
+    def plain():
+        with torch.no_grad():
+            hf(x, use_cache=True, logits_to_keep=1)
+
+    return (time_it(plain, repeats), time_it(run, repeats)), None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
+    ap.add_argument("--presses", default=",".join(DEFAULT_PRESSES), help="comma-separated registered names")
+    ap.add_argument("--budget", type=int, default=128, help="entries kept per layer and KV head")
+    ap.add_argument("--quick", action="store_true", help="512 and 1K tokens, two repeats")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--chunk", type=int, default=512, help="prefill chunk size")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--n-draft-tokens", type=int, default=32, help="SpecKV draft length")
+    ap.add_argument("--out", default="runs/bench_presses.json")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.lengths, args.repeats = [512, 1024], 2
+    dtype = jnp.dtype(args.dtype)
+    model = Transformer(bench_config(), dtype=dtype, rngs=nnx.Rngs(0))
+    names = [n.strip() for n in args.presses.split(",") if n.strip()]
+    draft = Transformer(bench_config(n_layers=2), dtype=dtype, rngs=nnx.Rngs(1)) if "speckv" in names else None
+    graphdef, params = nnx.split(model)
+    print(f"backend {jax.default_backend()}, model 8 layers / hidden 512 / 8 heads / 2 KV heads, {args.dtype}, "
+          f"budget {args.budget}", flush=True)
+    rows = []
+    for T in args.lengths:
+        ids = np.random.RandomState(T).randint(3, 32000, size=(1, T))
+        prompt = prepare_prompt(ids, None, args.chunk, model.config.vocab_size)
+
+        def prefill(prompt=prompt):
+            cache, logits = _prefill_jit(graphdef, params, prompt.ids, prompt.valid, prompt.positions,
+                                         chunk=prompt.chunk, capacity=prompt.ids.shape[1], all_logits=False)
+            jax.block_until_ready(logits)
+
+        t_prefill = time_it(prefill, args.repeats)
+        print(f"T={T:6d}  prefill {t_prefill * 1e3:9.1f} ms", flush=True)
+        for name in names:
+            kw = {"draft_model": draft, "n_draft_tokens": args.n_draft_tokens} if name == "speckv" else {}
+            press = make_press(name, budget=args.budget, **kw)
+
+            def run(press=press, prompt=prompt):
+                out = press.compress(model, prompt)
+                jax.block_until_ready(out.cache.keys)
+
+            tp, t = time_pair(prefill, run, args.repeats)
+            row = dict(tokens=T, press=name, prefill_s=tp, press_s=t, overhead_pct=100 * (t / tp - 1))
+            rows.append(row)
+            print(f"T={T:6d}  {name:22s} {t * 1e3:9.1f} ms  overhead {row['overhead_pct']:7.2f} %", flush=True)
+        ref, why = kvpress_snapkv_seconds(model, ids, args.budget, args.repeats)
+        if ref is None:
+            print(f"T={T:6d}  side-by-side skipped: {why}", flush=True)
+        else:
+            snap = next((r for r in rows if r["tokens"] == T and r["press"] == "snapkv"), None)
+            row = dict(tokens=T, press="kvpress-snapkv", prefill_s=ref[0], press_s=ref[1],
+                       overhead_pct=100 * (ref[1] / ref[0] - 1),
+                       lkv_jax_speedup=(ref[1] / snap["press_s"]) if snap else None)
+            rows.append(row)
+            print(f"T={T:6d}  kvpress snapkv {ref[1] * 1e3:9.1f} ms (its prefill {ref[0] * 1e3:.1f} ms)", flush=True)
+    print("\n| tokens | press | prefill ms | prefill + evict ms | overhead % |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['tokens']} | {r['press']} | {r['prefill_s'] * 1e3:.1f} | {r['press_s'] * 1e3:.1f} | "
+              f"{r['overhead_pct']:.2f} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(backend=jax.default_backend(), devices=[str(d) for d in jax.devices()], dtype=args.dtype,
+                budget=args.budget, chunk=args.chunk, repeats=args.repeats, n_draft_tokens=args.n_draft_tokens,
+                kvpress=ref is not None if args.lengths else None)
+    out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
