@@ -33,6 +33,7 @@ from lkv_jax.presses.window import (
 
 
 def check_same_vocab(draft_model, model) -> None:
+    """Raise unless the draft's token ids mean the target's (same vocabulary size, our only check)."""
     v_d, v_t = draft_model.config.vocab_size, model.config.vocab_size
     if v_d != v_t:
         raise ValueError(f"the draft model's vocabulary ({v_d} tokens) differs from the target's ({v_t}); "

@@ -31,6 +31,8 @@ def check_window_rows(prompt: Prompt, window: int, press_name: str) -> None:
 
 
 def check_pooling(kernel_size: int, pooling: str) -> None:
+    """Raise unless the pooling is "avg" or "max" with a positive odd kernel (torch's padding k // 2
+    keeps the length only for odd kernels)."""
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
     if pooling not in POOLINGS:
