@@ -59,11 +59,6 @@ def generate(model: Transformer, input_ids, max_new_tokens: int, press=None, *, 
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    cfg = model.config
-    eos = cfg.eos_token_id if eos_token_id is None else (
-        (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
-    pad = pad_token_id if pad_token_id is not None else (
-        cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0))
     if press is None:
         cache, logits = prefill(model, input_ids, attention_mask, chunk_size=chunk_size,
                                 extra_capacity=max_new_tokens)
@@ -72,7 +67,24 @@ def generate(model: Transformer, input_ids, max_new_tokens: int, press=None, *, 
 
         out = compress(model, input_ids, press, attention_mask=attention_mask, chunk_size=chunk_size)
         cache, logits = out.cache.grow(max_new_tokens), out.logits
+    return generate_from_cache(model, cache, logits, max_new_tokens, eos_token_id=eos_token_id,
+                               pad_token_id=pad_token_id)
+
+
+def generate_from_cache(model: Transformer, cache: KVCache, first_logits, max_new_tokens: int, *,
+                        eos_token_id: int | tuple[int, ...] | None = None,
+                        pad_token_id: int | None = None) -> np.ndarray:
+    """Greedy decoding from any cache (full, compressed, or with a question appended).
+
+    first_logits float32 [B, V] give the first new token; the cache needs room for max_new_tokens - 1
+    more entries. Returns int [B, n], n <= max_new_tokens, as `generate`.
+    """
+    cfg = model.config
+    eos = cfg.eos_token_id if eos_token_id is None else (
+        (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
+    pad = pad_token_id if pad_token_id is not None else (
+        cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0))
     graphdef, params = nnx.split(model)
-    tokens, n = _greedy_loop(graphdef, params, cache, logits, max_new_tokens=max_new_tokens,
+    tokens, n = _greedy_loop(graphdef, params, cache, first_logits, max_new_tokens=max_new_tokens,
                              eos=tuple(int(e) for e in eos), pad=int(pad))
     return np.asarray(tokens)[:, : int(n)]

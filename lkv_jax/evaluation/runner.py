@@ -269,7 +269,7 @@ def _run_batch(model, batch: list[EvalSample], task: EvalTask, press, cfg: EvalC
 
     Returns per-sample records and the batch's timings {compress_ms, prefill_ms} (ms for the whole
     padded batch; empty when not measured)."""
-    from lkv_jax.generation import _greedy_loop  # the jitted greedy loop generate() runs, from any cache
+    from lkv_jax.generation import generate_from_cache
 
     agnostic = cfg.mode == "question-agnostic"
     B, n_real = cfg.batch_size, len(batch)
@@ -324,10 +324,7 @@ def _run_batch(model, batch: list[EvalSample], task: EvalTask, press, cfg: EvalC
         q_rows = [s.question_ids for s in batch] + [batch[0].question_ids] * (B - n_real)
         g = glimpse(model, cache, np.asarray(q_rows, np.int32), append=True)
         cache, logits = g.cache, g.logits[:, -1]
-    graphdef, params = nnx.split(model)
-    tokens, n = _greedy_loop(graphdef, params, cache, logits, max_new_tokens=task.max_new_tokens, eos=eos,
-                             pad=pad_id)
-    tokens = np.asarray(tokens)[:, : int(n)]
+    tokens = generate_from_cache(model, cache, logits, task.max_new_tokens, eos_token_id=eos, pad_token_id=pad_id)
 
     records = []
     for i, s in enumerate(batch):
