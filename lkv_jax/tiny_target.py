@@ -18,10 +18,10 @@ from lkv_jax.data.synthetic import TASKS, encode_builtin, generate_samples
 from lkv_jax.models.transformer import Transformer
 
 ASSET_DIR = Path(__file__).parent / "assets" / "tiny_target"
-# length:steps:lr:batch[:symbols]: a small alphabet first (induction heads form fast), then the lr drops at
-# each step up in length (see lkv_jax.pretraining)
-DEFAULT_CURRICULUM = ("128:300:3e-3:16:16,128:200:3e-3:16:32,128:200:3e-3:16:64,256:400:2e-3:8,"
-                      "512:400:1.5e-3:4,1024:400:1e-3:2")
+# length:steps:lr:batch[:symbols[:copy]]: plain copies on a small alphabet first (induction heads form fast),
+# then the whole grammar, the alphabet widening, the lr dropping at each step up in length (lkv_jax.pretraining)
+DEFAULT_CURRICULUM = ("128:300:3e-3:16:16:0.8,128:200:3e-3:16:32:0.3,128:200:3e-3:16:64:0.1,256:300:2e-3:8,"
+                      "512:300:1.5e-3:4,1024:300:1e-3:2")
 EVAL_TASKS = tuple(TASKS)
 
 

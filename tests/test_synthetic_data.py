@@ -58,6 +58,24 @@ def solve(words, question):
     raise AssertionError(question)
 
 
+def _check_copies(words, mask):
+    """Each maximal run of masked words, with the unmasked word before it, repeats a run of value words
+    (ending in "." or cut by the sequence end) seen earlier. Returns the number of runs."""
+    n, j = 0, 0
+    while j < len(words):
+        if not mask[j]:
+            j += 1
+            continue
+        k = j
+        while k < len(words) and mask[k]:
+            k += 1
+        copy = words[j - 1:k]
+        assert all(x in VALUES for x in copy[:-1]) and copy[-1] in VALUES + (".",)
+        assert any(words[i:i + len(copy)] == copy for i in range(j - len(copy))), copy
+        n, j = n + 1, k
+    return n
+
+
 # ---------------------------------------------------------------------------------- tasks
 @pytest.mark.parametrize("task", list(TASKS))
 def test_deterministic_and_seed_dependent(task):
@@ -210,20 +228,8 @@ def test_training_stream_supervises_exactly_the_answers():
             kinds[words[i + 1]] += 1
         # the other supervised words are repeats of earlier value-word spans, word for word from the span start
         rest = (w > 0) & (expected == 0)
-        j = 0
-        while j < len(words):
-            if not rest[j]:
-                j += 1
-                continue
-            k = j
-            while k < len(words) and rest[k]:
-                k += 1
-            copy = words[j - 1:k]  # the unsupervised first word, then the supervised ones
-            assert all(x in VALUES for x in copy[:-1]) and copy[-1] in VALUES + (".",)
-            assert any(words[i:i + len(copy)] == copy for i in range(j - 1 - len(copy) + 1)), copy
-            kinds["copy"] += 1
-            expected[j:k] = 1.0
-            j = k
+        kinds["copy"] += _check_copies(words, rest)
+        expected[rest] = 1.0
         np.testing.assert_array_equal(w, expected)  # supervised: exactly the answers (+ EOS) and the copies
     assert set(kinds) == {"key", "keys", "all", "chain", "list", "top", "copy"}
 
@@ -237,6 +243,14 @@ def test_training_stream_small_alphabet():
         assert words & set(VALUES) | words & set(NAMES) <= allowed
     with pytest.raises(ValueError, match="symbols"):
         training_sequence(np.random.default_rng(0), 64, v, symbols=2)
+
+
+def test_pure_copy_sequences():
+    v = builtin_vocab()
+    ids, w = training_sequence(np.random.default_rng(1), 200, v, symbols=16, p_copy=1.0)
+    words = v.decode(ids, skip_special=False).split()
+    assert set(words[1:]) <= set(VALUES[:16]) | {"."}
+    assert _check_copies(words, w > 0) > 3 and w.mean() > 0.3
 
 
 # ---------------------------------------------------------------------------------- metrics

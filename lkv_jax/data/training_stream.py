@@ -146,6 +146,19 @@ def _ask(rng, kind, single, multi, chains, tagged) -> tuple[str, str]:
     return f"? list {t} :", " ; ".join(f"{t} {i} : {v}" for i, v in enumerate(tagged[t], start=1))
 
 
+def _copy_stream(rng: np.random.Generator, n_words: int, values) -> _Stream:
+    """Fresh spans of value words and verbatim repeats of earlier ones, about half of them repeats."""
+    s = _Stream()
+    spans: list[str] = []
+    while len(s.words) < n_words:
+        if spans and rng.random() < 0.6:
+            s.copy(spans[int(rng.integers(0, len(spans)))])
+        else:
+            spans.append(value_words(rng, int(rng.integers(5, 17)), values) + " .")
+            s.context(spans[-1])
+    return s
+
+
 def _frequent_words_stream(rng: np.random.Generator, n_words: int, values) -> _Stream:
     s = _Stream()
     alpha = rng.uniform(1.5, 2.5)
@@ -170,13 +183,14 @@ def _frequent_words_stream(rng: np.random.Generator, n_words: int, values) -> _S
 
 
 def training_sequence(rng: np.random.Generator, length: int, vocab, *, p_frequent_words: float = 0.1,
-                      symbols: int | None = None):
+                      symbols: int | None = None, p_copy: float = 0.0):
     """One sequence of `length + 1` token ids (`<bos>` first) and per-token loss weights (1 on answer words,
     their EOS and copies): inputs are ids[:-1], targets ids[1:] weighted by weights[1:]. int32, float32 [T+1].
 
     symbols: use only the first `symbols` value words and names (all when None). A tiny model forms its
     induction heads within a few hundred steps on a 16-word alphabet and not within a thousand on the full
     128 (measured on this CPU), so the curriculum starts small and widens the alphabet.
+    p_copy: the probability of a pure copy sequence (spans and their repeats only), for the first steps.
     """
     if length < 16:
         raise ValueError(f"length must be at least 16, got {length}")
@@ -184,7 +198,10 @@ def training_sequence(rng: np.random.Generator, length: int, vocab, *, p_frequen
     names = NAMES if symbols is None else NAMES[:symbols]
     if len(values) < 4:
         raise ValueError(f"symbols must be at least 4, got {symbols}")
-    if rng.random() < p_frequent_words:
+    r = rng.random()
+    if r < p_copy:
+        stream = _copy_stream(rng, length + 1, values)
+    elif r < p_copy + (1 - p_copy) * p_frequent_words:
         stream = _frequent_words_stream(rng, length + 1, values)
     else:
         stream = _record_stream(rng, length + 1, values, names)
