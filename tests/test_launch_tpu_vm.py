@@ -42,3 +42,26 @@ def test_mount_and_reuse(capsys):
     out = capsys.readouterr().out
     assert "create" not in out and "git archive" not in out
     assert "gcsfuse --implicit-dirs bkt" in out and "--project=p" in out
+
+
+def test_ready_configs_expand_to_lkv_commands(capsys):
+    spec = importlib.util.spec_from_file_location("run_config", ROOT / "experiments" / "run_config.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    configs = sorted((ROOT / "experiments" / "configs").glob("*.json"))
+    assert {c.stem for c in configs} >= {"llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "qwen3-1.7b", "qwen3-4b",
+                                         "qwen3-8b"}
+    for c in configs:
+        assert module.main([str(c), "all", "--dry-run"]) == 0
+        labels, train, evaluate = [shlex.split(x) for x in capsys.readouterr().out.splitlines()]
+        assert [labels[:2], train[:2], evaluate[:2]] == [["lkv", "make-labels"], ["lkv", "train"], ["lkv", "eval"]]
+        # the paper's settings
+        for flag, value in (("--n-lookahead", "32"), ("--rank", "8"), ("--alpha", "32")):
+            assert train[train.index(flag) + 1] == value
+        assert train[train.index("--targets") + 1] == "q,k,v,o,gate,up,down"
+        assert evaluate[evaluate.index("--budgets") + 1] == "64,128,256,512,1024,2048"
+        # every flag is one the lkv subcommand accepts
+        from lkv_jax.cli import build_parser
+
+        for argv in (labels[1:], train[1:], evaluate[1:]):
+            build_parser().parse_args(argv)
