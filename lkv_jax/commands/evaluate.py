@@ -44,7 +44,7 @@ def _names(text: str) -> tuple[str, ...]:
 def add_arguments(p) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = EPILOG
-    p.add_argument("--model", required=True, help="Hugging Face model directory (config.json + safetensors)")
+    p.add_argument("--model", required=True, help="model directory: Hugging Face or converted by `lkv convert`")
     p.add_argument("--adapter", default=None, help="LookaheadKV adapter file (for the lookaheadkv press)")
     p.add_argument("--presses", type=_names, required=True, help="comma-separated press specs")
     g = p.add_mutually_exclusive_group(required=True)
@@ -128,7 +128,7 @@ def run(args) -> int:
                      batch_size=args.batch_size, chunk_size=args.chunk_size, pad_multiple=args.pad_multiple,
                      oracle=not args.no_oracle, measure_overhead=not args.no_overhead,
                      timing_repeats=args.timing_repeats, timing_batches=args.timing_batches)
-    model = lkv_jax.load_hf(args.model, dtype=args.dtype)
+    model = lkv_jax.load(args.model, dtype=args.dtype)  # Hugging Face or converted (orbax) directory
     adapter = None
     if args.adapter:
         from lkv_jax.lookahead import load_adapter

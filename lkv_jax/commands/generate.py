@@ -27,7 +27,7 @@ def add_arguments(p) -> None:
 
     p.epilog = EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("--model", required=True, help="Hugging Face model directory")
+    p.add_argument("--model", required=True, help="model directory: Hugging Face or converted by `lkv convert`")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs tokenizer.json in the model directory)")
     src.add_argument("--prompt-ids", help='prompt token ids, e.g. "1 15 27" (commas also accepted)')
@@ -69,9 +69,9 @@ def build_press(args, model):
     if key == "speckv":
         if args.draft_model is None:
             raise ValueError("the speckv press needs --draft-model DIR")
-        from lkv_jax.checkpoint.hf import load_hf
+        from lkv_jax.checkpoint.orbax_io import load
 
-        kwargs["draft_model"] = load_hf(args.draft_model, dtype=args.dtype)
+        kwargs["draft_model"] = load(args.draft_model, dtype=args.dtype)
     if key == "lookaheadkv":
         if args.adapter is None:
             raise ValueError("the lookaheadkv press needs --adapter FILE")
@@ -87,7 +87,7 @@ def build_press(args, model):
 def run(args) -> int:
     import numpy as np
 
-    from lkv_jax.checkpoint.hf import load_hf
+    from lkv_jax.checkpoint.orbax_io import load
     from lkv_jax.generation import generate
 
     model_dir = Path(args.model)
@@ -107,7 +107,7 @@ def run(args) -> int:
         ids = parse_ids(args.prompt_ids)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    model = load_hf(model_dir, dtype=args.dtype)
+    model = load(model_dir, dtype=args.dtype)  # Hugging Face or converted (orbax) directory
     press = build_press(args, model)
     tokens = generate(model, np.asarray([ids], np.int32), args.max_new_tokens, press=press,
                       chunk_size=args.chunk_size)[0]
