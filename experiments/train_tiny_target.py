@@ -51,7 +51,7 @@ def main(argv=None) -> int:
 
     from lkv_jax.data.training_stream import training_batch
     from lkv_jax.data.vocab import builtin_vocab
-    from lkv_jax.pretraining import Trainer, parse_curriculum, run_curriculum, small_llama_config
+    from lkv_jax.pretraining import Trainer, parse_curriculum, run_curriculum, scaled_init, small_llama_config
     from lkv_jax.tiny_target import export, synthetic_accuracy
 
     vocab = builtin_vocab()
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
                              num_kv_heads=args.kv_heads, max_position_embeddings=max(4096, 2 * stages[-1].length))
     from lkv_jax.models.transformer import Transformer
 
-    trainer = Trainer(Transformer(cfg, rngs=nnx.Rngs(args.seed)))
+    trainer = Trainer(scaled_init(Transformer(cfg, rngs=nnx.Rngs(args.seed)), args.seed))
     workdir = Path(args.workdir)
     ckpt = workdir / "checkpoint"
     note = trainer.restore(ckpt)

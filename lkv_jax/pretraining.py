@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -42,6 +43,35 @@ def small_llama_config(vocab_size: int, *, hidden_size: int = 128, num_layers: i
         family="llama", rms_norm_eps=1e-5, rope=RopeConfig(theta=rope_theta),
         max_position_embeddings=max_position_embeddings, bos_token_id=bos_token_id,
         eos_token_id=(eos_token_id,), pad_token_id=pad_token_id)
+
+
+def scaled_init(model: Transformer, seed: int) -> Transformer:
+    """Re-initialise a model for training from scratch, in place: kernels N(0, 1/fan_in) (output projections
+    o and down also divided by sqrt(2 x layers)), embeddings N(0, 1), LM head N(0, 1/hidden), norms 1.
+
+    With the HF-style N(0, 0.02) everywhere a 4-layer d=128 model showed no induction head after 300 steps of
+    pure copying; with this one it formed after about 225 (measured on this CPU).
+    """
+    state = nnx.state(model, nnx.Param)
+    n_layers = model.config.num_hidden_layers
+    key = jax.random.PRNGKey(seed)
+
+    def init(path, x):
+        names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+        names = names[:-1] if names[-1] == "value" else names
+        k = jax.random.fold_in(key, zlib.crc32(".".join(names).encode()) % (2**31))
+        if names[-1] == "kernel":
+            std = x.shape[0] ** -0.5 / ((2 * n_layers) ** 0.5 if names[-2] in ("o", "down") else 1.0)
+        elif names == ["embed"]:
+            std = 1.0
+        elif names == ["lm_head"]:
+            std = x.shape[0] ** -0.5
+        else:
+            return x
+        return (jax.random.normal(k, x.shape, jnp.float32) * std).astype(x.dtype)
+
+    nnx.update(model, jax.tree_util.tree_map_with_path(init, state))
+    return model
 
 
 def weighted_lm_loss(model: Transformer, ids: jax.Array, weights: jax.Array):
