@@ -12,7 +12,8 @@ Per S it times (median of --repeats after a warm-up, each under jit):
         threshold-select.
 --e2e: prefill (lkv_jax.inference.prefill) of a random lkv_jax model with Llama-3.1-8B layer shapes
 (fewer layers), then the eviction step: a 32-token glimpse (scores over the cache) + top-k + gather, as
-lkv_jax does it today (glimpse_pure + select_slots + compact_cache) and with the kernels instead.
+lkv_jax does it: the dense per-head glimpse (training path), LookaheadKVPress's inference path through
+the score-and-evict op with implementation "xla" and "pallas", and the kernels with Pallas select.
 On CPU the Pallas paths run in interpret mode (`interpret=True`), which measures correctness plumbing,
 not speed. Prints a table and writes JSON (--out).
 """
@@ -146,18 +147,24 @@ def llama_config(quick: bool, n_layers: int):
                        max_position_embeddings=131072)
 
 
-def evict_lkv(model, cache, x, n_kept):
-    """Today's lkv_jax eviction: glimpse (dense probabilities) + lax.top_k + gather."""
+def evict_lkv(model, cache, x, n_kept, implementation=None, interpret=False):
+    """lkv_jax's eviction: glimpse + lax.top_k + gather. implementation=None: the dense per-query-head
+    glimpse (the training path); "xla" / "pallas": the LookaheadKVPress inference path, the glimpse
+    writing the suffix into the cache and scoring through the score-and-evict op."""
     from lkv_jax.inference import glimpse_pure
     from lkv_jax.selection import compact_cache, select_slots
 
     cfg = model.config
     B = x.shape[0]
-    out = glimpse_pure(model, cache, x, scores=True, reduce="mean", append=False, logits=False)
+    if implementation is None:
+        out = glimpse_pure(model, cache, x, scores=True, reduce="mean", append=False, logits=False)
+    else:
+        out = glimpse_pure(model, cache, x, scores=True, reduce="mean", append=True, logits=False,
+                           score_heads="kv", implementation=implementation, interpret=interpret)
     keep = jnp.full((B,), n_kept, jnp.int32)
     slots, kept = [], []
     for l, sc in enumerate(out.scores):
-        s = sc.reshape(B, cfg.num_key_value_heads, cfg.n_groups, -1).mean(2)
+        s = sc if implementation is not None else sc.reshape(B, cfg.num_key_value_heads, cfg.n_groups, -1).mean(2)
         sl, kp = select_slots(s, cache.valid[l], jnp.zeros_like(cache.valid[l]), n_kept, keep)
         slots.append(sl)
         kept.append(kp)
@@ -205,6 +212,9 @@ def bench_e2e(a, interpret, repeats):
     graphdef, params = nnx.split(model)
     variants = {
         "lkv_glimpse+topk": lambda m, c, x: evict_lkv(m, c, x, n_kept),
+        "press_path[xla]+topk": lambda m, c, x: evict_lkv(m, c, x, n_kept, implementation="xla"),
+        "press_path[pallas]+topk": lambda m, c, x: evict_lkv(m, c, x, n_kept, implementation="pallas",
+                                                             interpret=interpret),
         "kernel+topk": lambda m, c, x: evict_kernels(m, c, x, n_kept, interpret=interpret, select_impl="xla"),
         "kernel+pallas_select": lambda m, c, x: evict_kernels(m, c, x, n_kept, interpret=interpret,
                                                               select_impl="pallas"),
