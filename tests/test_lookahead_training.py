@@ -170,11 +170,19 @@ def test_training_lowers_kl_and_beats_snapkv(setup):
     np.testing.assert_array_equal(np.asarray(saved.embeddings), np.asarray(ad.embeddings))
 
 
+def full_run(setup):
+    """The uninterrupted 20-step reference run (trained once per module)."""
+    path = setup["root"] / "full" / "adapter.safetensors"
+    if not path.is_file():
+        train(config(setup, "full", steps=20, checkpoint_every=4, keep_checkpoints=2), model=setup["model"],
+              progress=False)
+    return load_adapter(path)
+
+
 def test_kill_and_resume_equals_uninterrupted(setup):
     from lkv_jax.cli import main
 
-    full = train(config(setup, "full", steps=20, checkpoint_every=4, keep_checkpoints=2), model=setup["model"],
-                 progress=False)
+    full = full_run(setup)
     args = ["train", setup["model_dir"], str(setup["root"] / "train"), str(setup["root"] / "cut"), "--steps", "20",
             "--batch-size", "8", "--lr", "1e-2", "--warmup-steps", "10", "--n-lookahead", "8", "--buckets", "64",
             "--checkpoint-every", "4", "--keep-checkpoints", "2", "--log-every", "10", "--dtype", "float32",
@@ -189,6 +197,38 @@ def test_kill_and_resume_equals_uninterrupted(setup):
     log = [json.loads(line) for line in open(setup["root"] / "cut" / "metrics.jsonl")]
     full_log = [json.loads(line) for line in open(setup["root"] / "full" / "metrics.jsonl")]
     assert [m["step"] for m in log] == [10, 20] and [m["loss"] for m in log] == [m["loss"] for m in full_log]
+
+
+def test_hard_kill_between_checkpoints_resumes_exactly(setup, monkeypatch):
+    """Killed in step 11 (last checkpoint: 8): the resumed run replays 9.. and matches the full run."""
+    from lkv_jax.lookahead import training
+
+    real = training._step_for
+    calls = {"n": 0}
+
+    def dying(graphdef, key):
+        step = real(graphdef, key)
+
+        def wrapped(*args):
+            calls["n"] += 1
+            if calls["n"] == 11:
+                raise KeyboardInterrupt("killed")
+            return step(*args)
+        return wrapped
+
+    cfg = config(setup, "hard", steps=20, checkpoint_every=4, keep_checkpoints=2)
+    monkeypatch.setattr(training, "_step_for", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, model=setup["model"], progress=False)
+    monkeypatch.setattr(training, "_step_for", real)
+    assert sorted(int(p.name) for p in (setup["root"] / "hard" / "checkpoints").iterdir()) == [4, 8]
+    resumed = train(cfg, model=setup["model"], progress=False)
+    full = full_run(setup)
+    for x, y in zip(jax.tree.leaves(resumed), jax.tree.leaves(full), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    log = [json.loads(line) for line in open(setup["root"] / "hard" / "metrics.jsonl")]
+    full_log = [json.loads(line) for line in open(setup["root"] / "full" / "metrics.jsonl")]
+    assert [(m["step"], m["loss"]) for m in log] == [(m["step"], m["loss"]) for m in full_log]
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(setup):
