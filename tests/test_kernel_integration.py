@@ -61,3 +61,23 @@ def test_op_path_equals_per_query_head_path(model):
 def test_unknown_implementation_is_an_error():
     with pytest.raises(ValueError, match="implementation must be"):
         SnapKVPress(budget=8, implementation="cuda")
+
+
+def test_snapkv_window_outside_keeps_budget_plus_window(model):
+    """window_outside: the `budget` best prefix entries by the same scores, plus the whole window."""
+    ids = np.random.RandomState(5).randint(3, 128, size=(1, 60))
+    inside = lkv_jax.compress(model, ids, SnapKVPress(budget=20, window_size=8))
+    outside = lkv_jax.compress(model, ids, SnapKVPress(budget=20, window_size=8, window_outside=True))
+    T = 60
+    for l in range(2):
+        pos = np.asarray(outside.kept_positions[l])[0]
+        assert pos.shape == (2, 28)
+        scores = np.asarray(inside.scores[l])[0][:, -T:]  # the prompt's slots (left padding first)
+        for k in range(2):
+            window = set(range(T - 8, T))
+            assert window <= set(pos[k].tolist())
+            best = set(np.argsort(-scores[k, : T - 8], kind="stable")[:20].tolist())
+            assert set(pos[k].tolist()) - window == best
+    with pytest.raises(ValueError, match="smaller than the 8 protected"):
+        SnapKVPress(budget=4, window_size=8)
+    SnapKVPress(budget=4, window_size=8, window_outside=True)  # 4 + the window: allowed

@@ -83,7 +83,7 @@ class BasePress:
         if self.budget is not None:
             if self.compression_ratio != 0.0:
                 raise ValueError("give either compression_ratio or budget, not both")
-            if int(self.budget) < max(1, self.n_protected):
+            if int(self.budget) + self.extra_kept < max(1, self.n_protected):
                 raise ValueError(f"budget={self.budget} is smaller than the {self.n_protected} protected "
                                  f"entries (window/sinks) of {type(self).__name__}; raise the budget")
 
@@ -91,6 +91,11 @@ class BasePress:
     @property
     def n_protected(self) -> int:
         """Entries always kept (window, sinks); they count inside the budget."""
+        return 0
+
+    @property
+    def extra_kept(self) -> int:
+        """Entries kept on top of the budget or ratio (0: everything counts inside, kvpress semantics)."""
         return 0
 
     @property
@@ -110,8 +115,8 @@ class BasePress:
         """Entries kept per row for prompts of n_prompt real tokens (int or int array)."""
         n = np.asarray(n_prompt)
         if self.budget is not None:
-            return np.minimum(int(self.budget), n)
-        return (n * (1.0 - self.compression_ratio)).astype(np.int64)
+            return np.minimum(int(self.budget) + self.extra_kept, n)
+        return np.minimum((n * (1.0 - self.compression_ratio)).astype(np.int64) + self.extra_kept, n)
 
     def eviction_plan(self, model, prompt: Prompt) -> tuple[np.ndarray, tuple[int, ...]]:
         """(entries kept per row int [B], static capacity per layer) for a prepared prompt batch."""

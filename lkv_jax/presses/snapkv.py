@@ -26,11 +26,16 @@ from lkv_jax.presses.window import (
 @register_press
 @dataclasses.dataclass(frozen=True)
 class SnapKVPress(BasePress):
-    """Prompts must be longer than `window_size` tokens (an error otherwise, as kvpress asserts)."""
+    """Prompts must be longer than `window_size` tokens (an error otherwise, as kvpress asserts).
+
+    window_outside=True keeps the window ON TOP of the budget (budget + window_size entries), the
+    convention of some papers' tables; the default counts it inside, as kvpress does.
+    """
 
     window_size: int = 64
     kernel_size: int = 5
     pooling: str = "avg"
+    window_outside: bool = False
 
     def __post_init__(self):
         if self.window_size < 1:
@@ -46,6 +51,10 @@ class SnapKVPress(BasePress):
     @property
     def n_protected(self) -> int:
         return self.window_size
+
+    @property
+    def extra_kept(self) -> int:
+        return self.window_size if self.window_outside else 0
 
     def check_prompt(self, prompt) -> None:
         """Raise for prompt rows too short for the window (called before compressing)."""
