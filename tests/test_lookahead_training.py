@@ -190,6 +190,7 @@ def test_kill_and_resume_equals_uninterrupted(setup):
     assert main(args + ["--stop-after", "10"]) == 0  # killed after step 10 (its last checkpoint: 10)
     ckpts = sorted(p.name for p in (setup["root"] / "cut" / "checkpoints").iterdir())
     assert ckpts == ["10", "8"]  # keep-2
+    assert main(args[:-1] + ["--rank", "4", "--no-progress"]) == 2  # other settings: refused, nothing touched
     assert main(args) == 0
     resumed = load_adapter(setup["root"] / "cut" / "adapter.safetensors")
     for x, y in zip(jax.tree.leaves(resumed), jax.tree.leaves(full), strict=True):

@@ -55,6 +55,11 @@ class TrainCheckpointer:
             adapter=ocp.args.StandardSave(_flat(adapter)), opt_state=ocp.args.StandardSave(_flat(opt_state)),
             data=ocp.args.JsonSave(data_state), info=ocp.args.JsonSave({**info, "step": int(step)})))
 
+    def read_info(self, step: int) -> dict:
+        """The JSON info saved with checkpoint `step` (the run's config), without loading tensors."""
+        ocp = self._ocp
+        return self.manager.restore(step, args=ocp.args.Composite(info=ocp.args.JsonRestore()))["info"]
+
     def restore(self, step: int, adapter_template, opt_state_template):
         """Returns (adapter, opt_state, data_state, info) of checkpoint `step`."""
         ocp = self._ocp

@@ -151,6 +151,20 @@ def _trim_metrics(path: Path, last_step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
+# settings a resumed run must share with the checkpointed one (else it is not the same run)
+RUN_DEFINING = ("steps", "batch_size", "learning_rate", "warmup_steps", "end_lr_ratio", "weight_decay", "clip_norm",
+                "n_lookahead", "rank", "alpha", "targets", "buckets", "seed", "labels", "recall_budgets")
+
+
+def check_resumable(saved: dict, cfg: TrainConfig) -> None:
+    """Raise ValueError if `cfg` differs from the checkpointed run's config in a run-defining field."""
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists, as saved
+    diff = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in RUN_DEFINING if k in saved and saved[k] != now[k]]
+    if diff:
+        raise ValueError(f"{cfg.out_dir} holds a run with other settings ({'; '.join(diff)}); resume with the "
+                         "same settings or use a new output directory")
+
+
 def _all_finite(tree) -> bool:
     return all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(tree))
 
@@ -186,7 +200,6 @@ def train(cfg: TrainConfig, *, model=None, progress: bool = True, stop_after: in
 
     out = Path(cfg.out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     metrics_path = out / "metrics.jsonl"
 
     optimizer = make_optimizer(cfg)
@@ -201,10 +214,16 @@ def train(cfg: TrainConfig, *, model=None, progress: bool = True, stop_after: in
     step = 0
     latest = ckpt.latest_step()
     if latest is not None:
-        adapter, opt_state, data_state, _ = ckpt.restore(latest, adapter, opt_state)
+        try:
+            check_resumable(ckpt.read_info(latest).get("config", {}), cfg)
+            adapter, opt_state, data_state, _ = ckpt.restore(latest, adapter, opt_state)
+        except BaseException:
+            ckpt.close()
+            raise
         it.set_state(data_state)
         step = latest
         _trim_metrics(metrics_path, step)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     graphdef, base_params = nnx.split(model)
     step_fn = _step_for(graphdef, _optimisation_key(cfg))
     end = cfg.steps if stop_after is None else min(cfg.steps, int(stop_after))
