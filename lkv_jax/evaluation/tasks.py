@@ -110,7 +110,9 @@ def synthetic_task(task: str, *, n_samples: int, length: int, seed: int = 0, voc
         vocab = builtin_vocab() if vocab is None else vocab
         raw = synthetic.generate_samples(task, n_samples, length, seed=seed)
         encode = lambda s: synthetic.encode_builtin(s, vocab, query_aware=False)  # noqa: E731
-        decode, eos = (lambda ids: vocab.decode(ids)), (vocab.eos_id,)
+        # a model's embedding table may be padded past the vocabulary: such ids are no words, drop them
+        decode = lambda ids: vocab.decode([i for i in ids if 0 <= int(i) < len(vocab)])  # noqa: E731
+        eos = (vocab.eos_id,)
     else:
         raw = synthetic.generate_samples(task, n_samples, length, seed=seed, count=encoder.count)
         encode = lambda s: encoder.encode(s, query_aware=False)  # noqa: E731
