@@ -1,0 +1,95 @@
+"""Ablations of the lookahead adapter: train one adapter per variant on the same labels, evaluate
+LookaheadKV with each on the same tasks and budgets, and put accuracy and eviction overhead side by side
+(JSON + one plot). Used by experiments/ablate_lookahead_tokens.py and ablate_lora_targets.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def run_ablation(model, labels_dir, variants: dict[str, dict], tasks, *, base_train: dict, budgets, out_dir,
+                 title: str, progress: bool = True) -> dict:
+    """variants: name -> TrainConfig overrides (e.g. {"n_lookahead": 4}); base_train: the shared
+    TrainConfig fields. Each variant trains into out_dir/<name>/adapter (resumable) and is evaluated into
+    out_dir/<name>/eval (resumable). Returns and writes out_dir/ablation.json; plots out_dir/ablation.png.
+    """
+    from lkv_jax.evaluation.report import load_cells
+    from lkv_jax.evaluation.runner import EvalConfig, PressSpec, run_eval
+    from lkv_jax.lookahead.training import TrainConfig, train
+
+    out = Path(out_dir).absolute()
+    rows = []
+    for name, overrides in variants.items():
+        cfg = TrainConfig(**{**base_train, **overrides, "data_dir": str(labels_dir),
+                             "out_dir": str(out / name / "adapter")})
+        adapter = train(cfg, model=model, progress=progress)
+        ecfg = EvalConfig(presses=(PressSpec.parse("lookaheadkv"),), budgets=tuple(budgets), oracle=False,
+                          timing_repeats=2, timing_batches=1)
+        run_eval(model, tasks, ecfg, out / name / "eval", adapter=adapter, progress=progress)
+        cells = [c for c in load_cells(out / name / "eval") if c["press"] == "lookaheadkv"]
+        row = {"variant": name, "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
+               "adapter_params": int(sum(np.size(x) for x in _leaves(adapter)))}
+        for b in budgets:
+            at_b = [c for c in cells if c["budget"] == b]
+            row[f"score@{b}"] = float(np.mean([c["score"] for c in at_b])) if at_b else None
+            pct = [c["timing"].get("overhead_pct") for c in at_b if c["timing"].get("overhead_pct") is not None]
+            row[f"overhead_pct@{b}"] = float(np.mean(pct)) if pct else None
+        rows.append(row)
+    result = {"title": title, "budgets": list(budgets), "tasks": [t.name for t in tasks], "rows": rows,
+              "train": {k: list(v) if isinstance(v, tuple) else v for k, v in base_train.items()}}
+    (out / "ablation.json").write_text(json.dumps(result, indent=1))
+    plot_ablation(result, out / "ablation.png")
+    return result
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def plot_ablation(result: dict, path) -> Path:
+    """Score per budget (left) and eviction overhead (right) against the variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["variant"] for r in result["rows"]]
+    x = np.arange(len(names))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for bud in result["budgets"]:
+        a.plot(x, [r[f"score@{bud}"] if r[f"score@{bud}"] is not None else np.nan for r in result["rows"]], "o-",
+               label=f"budget {bud}")
+        b.plot(x, [r[f"overhead_pct@{bud}"] if r[f"overhead_pct@{bud}"] is not None else np.nan
+                   for r in result["rows"]], "o-", label=f"budget {bud}")
+    for ax, ylabel in ((a, "score (mean over tasks)"), (b, "eviction overhead, % of prefill")):
+        ax.set_xticks(x, names, rotation=30)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(result["title"])
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def summary_table(result: dict) -> str:
+    """The ablation as a markdown table."""
+    head = ["variant", "adapter params"] + [f"score@{b}" for b in result["budgets"]] + \
+        [f"overhead %@{b}" for b in result["budgets"]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["rows"]:
+        cells = [r["variant"], f"{r['adapter_params']:,}"]
+        cells += ["-" if r[f"score@{b}"] is None else f"{r[f'score@{b}']:.1f}" for b in result["budgets"]]
+        cells += ["-" if r[f"overhead_pct@{b}"] is None else f"{r[f'overhead_pct@{b}']:+.1f}"
+                  for b in result["budgets"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
