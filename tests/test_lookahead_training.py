@@ -222,7 +222,11 @@ def test_hard_kill_between_checkpoints_resumes_exactly(setup, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train(cfg, model=setup["model"], progress=False)
     monkeypatch.setattr(training, "_step_for", real)
-    assert sorted(int(p.name) for p in (setup["root"] / "hard" / "checkpoints").iterdir()) == [4, 8]
+    from lkv_jax.lookahead.checkpointing import TrainCheckpointer
+
+    ck = TrainCheckpointer(setup["root"] / "hard" / "checkpoints", keep=2)
+    assert sorted(ck.manager.all_steps()) == [4, 8]
+    ck.close()
     resumed = train(cfg, model=setup["model"], progress=False)
     full = full_run(setup)
     for x, y in zip(jax.tree.leaves(resumed), jax.tree.leaves(full), strict=True):
