@@ -14,27 +14,9 @@ import jax.numpy as jnp
 
 from lkv_jax.cache import KVCache
 
-PROTECT = 1e30  # score given to protected slots (finite so arithmetic on scores stays NaN-free)
-EXCLUDE = -jnp.inf
-
-
-def select_slots(scores, selectable, protected, n_kept: int, keep_count):
-    """Top slots per row and KV head.
-
-    scores float32 [B, K, S]; selectable/protected bool [B, K, S]; n_kept static int (the compact
-    capacity); keep_count int [B] (entries row b keeps, <= n_kept). Returns slots int32 [B, K, n_kept]
-    ascending among kept entries, with dropped ones (rank >= keep_count) placed last, and kept bool
-    [B, K, n_kept].
-    """
-    s = jnp.where(protected, PROTECT, scores.astype(jnp.float32))
-    s = jnp.where(selectable, s, EXCLUDE)
-    _, idx = jax.lax.top_k(s, n_kept)
-    rank = jnp.arange(n_kept)
-    kept = (rank[None, None, :] < keep_count[:, None, None]) & jnp.take_along_axis(selectable, idx, axis=-1)
-    # sort by (dropped, slot): kept entries ascending in slot (= in position), dropped ones after
-    S = scores.shape[-1]
-    order = jnp.argsort(jnp.where(kept, idx, idx + S), axis=-1)
-    return jnp.take_along_axis(idx, order, -1).astype(jnp.int32), jnp.take_along_axis(kept, order, -1)
+# Top-n per row and KV head (`select_slots`): lax.top_k, or the Pallas threshold-select with the same
+# kept sets; protected slots score PROTECT, unselectable ones EXCLUDE. It lives beside its kernel.
+from pallas_kernels.topk_select.op import EXCLUDE, PROTECT, select_slots  # noqa: F401
 
 
 def gather_layer(keys, values, positions, slots, kept):
