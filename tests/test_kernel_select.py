@@ -1,4 +1,4 @@
-"""Threshold-select (Pallas, interpreted on CPU) against `lkv_jax.selection.select_slots`."""
+"""Threshold-select (Pallas, interpreted on CPU) against the `lax.top_k` reference, as lkv_jax calls it."""
 
 from __future__ import annotations
 

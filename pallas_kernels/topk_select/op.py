@@ -1,6 +1,7 @@
-"""The public threshold-select op: the same kept sets as `lkv_jax.selection.select_slots` (top-n per
-row and KV head, protected slots forced in, unselectable slots never chosen, ties by lowest slot),
-from Pallas threshold cuts and a prefix-sum compaction instead of `lax.top_k`."""
+"""Top-n selection per row and KV head (what every press's eviction runs, through
+`lkv_jax.selection`): `lax.top_k` (the reference, `_select_xla`) or a Pallas threshold-select with the
+same kept sets (protected slots forced in, unselectable slots never chosen, ties by lowest slot) from
+threshold cuts and a prefix-sum compaction."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.topk_select.kernel import order_keys, topn_cuts
 
 IMPLEMENTATIONS = (None, "xla", "pallas")
-PROTECT = 1e30  # the values lkv_jax.selection gives protected / unselectable slots
+PROTECT = 1e30  # the scores protected / unselectable slots get (finite: arithmetic stays NaN-free)
 EXCLUDE = -jnp.inf
 
 
@@ -51,7 +52,7 @@ def _select_pallas(scores, selectable, protected, n_kept, keep_count, *, interpr
 
 def select_slots(scores, selectable, protected, n_kept: int, keep_count, *, implementation: str | None = None,
                  interpret=False, target: str | None = None):
-    """Top slots per row and KV head, as `lkv_jax.selection.select_slots`.
+    """Top slots per row and KV head.
 
     scores float32 [B, K, S]; selectable/protected bool [B, K, S]; n_kept static int <= S (the compact
     capacity); keep_count int [B] (entries row b keeps, <= n_kept). Returns slots int32 [B, K, n_kept]
