@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from lkv_jax.commands import evaluate
+from lkv_jax.distributed import maybe_initialize_distributed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_arguments(parser)
     parser.description = __doc__
     args = parser.parse_args(argv)
+    maybe_initialize_distributed()  # several hosts (LKV_DISTRIBUTED=1, set by launch_tpu_vm.py)
     return int(evaluate.run(args) or 0)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lkv_jax.cli import main as lkv_main  # noqa: E402
+from lkv_jax.distributed import maybe_initialize_distributed  # noqa: E402
 
 SUBCOMMANDS = {"labels": "make-labels", "train": "train"}
 
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    maybe_initialize_distributed()  # several hosts (LKV_DISTRIBUTED=1, set by launch_tpu_vm.py)
     return lkv_main([SUBCOMMANDS[argv[0]], *argv[1:]])
 
 
