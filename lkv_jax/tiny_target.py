@@ -21,7 +21,7 @@ ASSET_DIR = Path(__file__).parent / "assets" / "tiny_target"
 # length:steps:lr:batch[:symbols[:copy]]: plain copies on a small alphabet first (induction heads form fast),
 # then the whole grammar, the alphabet widening, the lr dropping at each step up in length (lkv_jax.pretraining)
 DEFAULT_CURRICULUM = ("128:300:3e-3:16:16:0.8,128:200:3e-3:16:32:0.3,128:200:3e-3:16:64:0.1,256:700:2e-3:8,"
-                      "512:1000:1.5e-3:4,1024:700:1e-3:2")
+                      "512:1000:1.5e-3:4,1024:400:1e-3:2")
 EVAL_TASKS = tuple(TASKS)
 
 
