@@ -123,3 +123,21 @@ def test_shipped_model_loads_and_answers_with_a_full_cache():
     preds = predict(model, vocab, samples, batch_size=4)
     scores = [string_match_all(p, s.references) for p, s in zip(preds, samples, strict=True)]
     assert np.mean(scores) >= SHIPPED_THRESHOLD, list(zip(preds, [s.target for s in samples], strict=True))
+
+
+def test_shipped_model_matches_transformers():
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lkv_jax import forward, load_hf
+    from lkv_jax.data.synthetic import generate_samples
+    from lkv_jax.tiny_target import ASSET_DIR
+
+    s = generate_samples("niah_single", 1, 64, seed=0)[0]
+    tok = AutoTokenizer.from_pretrained(str(ASSET_DIR))
+    ids = [tok.bos_token_id] + tok.encode(s.prompt(), add_special_tokens=False)
+    hf = AutoModelForCausalLM.from_pretrained(str(ASSET_DIR), attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits.numpy()
+    got = np.asarray(forward(load_hf(ASSET_DIR), np.asarray([ids])))
+    np.testing.assert_allclose(got, expected, atol=2e-4, rtol=1e-4)
