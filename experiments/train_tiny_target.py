@@ -1,8 +1,10 @@
 """Train the project's tiny target model from scratch on the synthetic long-context tasks and ship it.
 
 A small Llama-architecture model (default: hidden 128, 4 layers, 4 query / 2 KV heads, ~0.9M parameters)
-learns associative recall from densely supervised sequences (`lkv_jax.data.training_stream`) through a
-length curriculum 128 -> 256 -> 512 -> 1024 with the learning rate lowered at each step up. Checkpoints go
+learns associative recall from densely supervised sequences (`lkv_jax.data.training_stream`): first plain
+copies on a 16-word alphabet (induction heads form there), then the whole task grammar with the alphabet
+widened, through a length curriculum 128 -> 256 -> 512 -> 1024 with the learning rate lowered at each
+step up. Checkpoints go
 to --workdir every --checkpoint-every steps; rerunning the same command continues from the last one. At
 the end the script measures full-KV accuracy per task with `lkv_jax.generate` and writes a Hugging Face
 directory (config.json, model.safetensors, tokenizer.json, README.md model card, accuracy.json) to --out.
