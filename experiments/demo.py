@@ -37,7 +37,7 @@ class DemoSize:
     label_new_tokens: int = 48
     steps: int = 150
     n_lookahead: int = 16
-    eval_samples: int = 8
+    eval_samples: int = 16
     eval_length: int = 1024
     budgets: tuple[int, ...] = (32, 64, 128)
 

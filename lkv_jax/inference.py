@@ -146,17 +146,21 @@ def prefill_pure(model: Transformer, prompt_ids, valid, positions, *, chunk: int
             put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
                 buf, jnp.swapaxes(new, 1, 2).astype(buf.dtype), i * chunk, 2)
             keys[l], values[l] = put(keys[l], k), put(values[l], v)
-            if observe is None:
-                attn = blockwise_causal_attention(q, keys[l], values[l], key_valid, i * chunk, chunk)
-            else:
+            if observe is not None:
                 attn, stats = blockwise_causal_attention(q, keys[l], values[l], key_valid, i * chunk, chunk,
                                                          return_stats=True)
                 obs[l] = observe.update(l, obs[l], PrefillChunk(x, q, k, v, pos_c, valid_c, keys[l], key_valid,
                                                                 i * chunk, chunk, stats))
-            if l == last and not all_logits:
-                # nothing reads the last layer's output but the last token's logits: skip the o/MLP
-                # projections of every other position (1 / n_layers of their cost)
-                x, attn = x[:, -1:], attn[:, -1:]
+                if l == last and not all_logits:
+                    x, attn = x[:, -1:], attn[:, -1:]
+            elif l == last and not all_logits:
+                # nothing reads the last layer's output but the last token's logits: its attention and
+                # o/MLP projections are needed for that one query only (its keys/values are cached above)
+                x = x[:, -1:]
+                attn = blockwise_causal_attention(q[:, -1:], keys[l], values[l], key_valid, i * chunk + chunk - 1,
+                                                  chunk)
+            else:
+                attn = blockwise_causal_attention(q, keys[l], values[l], key_valid, i * chunk, chunk)
             x = layer.finish(x, attn)
         out = model.logits(x) if all_logits else model.logits(x)[:, 0]
         return (tuple(keys), tuple(values), tuple(obs)), out
