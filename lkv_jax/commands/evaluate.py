@@ -97,7 +97,11 @@ def build_tasks(args) -> list:
     for name in args.tasks:
         if name.startswith(("longbench/", "longbench:")):
             if tokenizer is None:
-                from transformers import AutoTokenizer
+                try:
+                    from transformers import AutoTokenizer
+                except ImportError as e:
+                    raise ValueError("LongBench tasks need transformers for the model's tokenizer: "
+                                     "pip install -e '.[hf]'") from e
 
                 src = args.tokenizer or args.model
                 try:
