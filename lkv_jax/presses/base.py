@@ -112,11 +112,13 @@ class BasePress:
 
     # -- shared ---------------------------------------------------------------------------------
     def keep_count(self, n_prompt):
-        """Entries kept per row for prompts of n_prompt real tokens (int or int array)."""
-        n = np.asarray(n_prompt)
+        """Entries kept per row for prompts of n_prompt real tokens: numpy for Python ints and numpy
+        arrays (static sizes), jnp for jax arrays (traced counts under jit)."""
+        xp = np if isinstance(n_prompt, int | np.ndarray | np.integer) else jnp
+        n = xp.asarray(n_prompt)
         if self.budget is not None:
-            return np.minimum(int(self.budget) + self.extra_kept, n)
-        return np.minimum((n * (1.0 - self.compression_ratio)).astype(np.int64) + self.extra_kept, n)
+            return xp.minimum(int(self.budget) + self.extra_kept, n)
+        return xp.minimum(xp.floor(n * (1.0 - self.compression_ratio)).astype(xp.int32) + self.extra_kept, n)
 
     def eviction_plan(self, model, prompt: Prompt) -> tuple[np.ndarray, tuple[int, ...]]:
         """(entries kept per row int [B], static capacity per layer) for a prepared prompt batch."""

@@ -52,13 +52,10 @@ class LAQPress(SnapKVPress):
         super().__post_init__()
 
     def first_stage_counts(self, valid):
-        """Entries per row kept by the SnapKV stage (traced int32 [B]) and the static capacity."""
-        T = valid.shape[1]
-        n = valid.sum(1)
-        if self.budget is not None:
-            return jnp.minimum(self.budget, n).astype(jnp.int32), min(int(self.budget), T)
-        capacity = max(int(T * (1.0 - self.compression_ratio)), 1)
-        return jnp.floor(n * (1.0 - self.compression_ratio)).astype(jnp.int32), capacity
+        """Entries per row kept by the SnapKV stage (traced int32 [B]) and the static capacity: the
+        press's own `keep_count`, for the rows and for a full-length row."""
+        counts = self.keep_count(valid.sum(1)).astype(jnp.int32)
+        return counts, max(int(self.keep_count(valid.shape[1])), 1)
 
     def pseudo_tokens(self, model, prompt_ids, valid, positions, chunk):
         """(full prompt cache, last-token logits, SnapKV scores, window mask, pseudo tokens int32 [B, n])."""
