@@ -24,9 +24,11 @@ def forward(model: Transformer, input_ids, attention_mask=None, *, chunk_size: i
     return logits
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos", "pad"))
-def _greedy_loop(graphdef, params, cache: KVCache, first_logits, *, max_new_tokens, eos, pad):
-    model = nnx.merge(graphdef, params)
+def greedy_loop_pure(model: Transformer, cache: KVCache, first_logits, *, max_new_tokens: int,
+                     eos: tuple[int, ...], pad: int):
+    """Greedy decoding inside one while loop (pure, jittable). first_logits float32 [B, V]; the cache needs
+    room for max_new_tokens - 1 more entries. Returns (tokens int32 [B, max_new_tokens] with pad after
+    each row's EOS and after the last step, n: how many columns were produced)."""
     B = first_logits.shape[0]
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
     tok = jnp.argmax(first_logits, -1).astype(jnp.int32)
@@ -46,6 +48,21 @@ def _greedy_loop(graphdef, params, cache: KVCache, first_logits, *, max_new_toke
 
     n, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, cache, out, done))
     return out, n
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos", "pad"))
+def _greedy_loop(graphdef, params, cache: KVCache, first_logits, *, max_new_tokens, eos, pad):
+    return greedy_loop_pure(nnx.merge(graphdef, params), cache, first_logits, max_new_tokens=max_new_tokens,
+                            eos=eos, pad=pad)
+
+
+def decoding_ids(config, eos_token_id=None, pad_token_id=None) -> tuple[tuple[int, ...], int]:
+    """(EOS ids, pad id) of a generate call: the arguments, else the model config's, else EOS for pad."""
+    eos = config.eos_token_id if eos_token_id is None else (
+        (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
+    pad = pad_token_id if pad_token_id is not None else (
+        config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0))
+    return tuple(int(e) for e in eos), int(pad)
 
 
 def generate(model: Transformer, input_ids, max_new_tokens: int, press=None, *, attention_mask=None,
@@ -79,12 +96,7 @@ def generate_from_cache(model: Transformer, cache: KVCache, first_logits, max_ne
     first_logits float32 [B, V] give the first new token; the cache needs room for max_new_tokens - 1
     more entries. Returns int [B, n], n <= max_new_tokens, as `generate`.
     """
-    cfg = model.config
-    eos = cfg.eos_token_id if eos_token_id is None else (
-        (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
-    pad = pad_token_id if pad_token_id is not None else (
-        cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0))
+    eos, pad = decoding_ids(model.config, eos_token_id, pad_token_id)
     graphdef, params = nnx.split(model)
-    tokens, n = _greedy_loop(graphdef, params, cache, first_logits, max_new_tokens=max_new_tokens,
-                             eos=tuple(int(e) for e in eos), pad=int(pad))
+    tokens, n = _greedy_loop(graphdef, params, cache, first_logits, max_new_tokens=max_new_tokens, eos=eos, pad=pad)
     return np.asarray(tokens)[:, : int(n)]

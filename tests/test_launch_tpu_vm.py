@@ -65,3 +65,17 @@ def test_ready_configs_expand_to_lkv_commands(capsys):
 
         for argv in (labels[1:], train[1:], evaluate[1:]):
             build_parser().parse_args(argv)
+
+
+def test_run_config_mesh_reaches_lkv_train(capsys):
+    spec = importlib.util.spec_from_file_location("run_config", ROOT / "experiments" / "run_config.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(ROOT / "experiments" / "configs" / "llama-3.1-8b.json"), "train", "--mesh", "4,4,1",
+                        "--dry-run"]) == 0
+    train = shlex.split(capsys.readouterr().out)
+    assert train[train.index("--mesh") + 1] == "4,4,1"
+    from lkv_jax.cli import build_parser
+    from lkv_jax.commands.train import config_from_args
+
+    assert config_from_args(build_parser().parse_args(train[1:])).mesh == (4, 4, 1)

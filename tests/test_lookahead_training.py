@@ -8,6 +8,7 @@ than SnapKV (window 4 and window 1) and than the untrained adapter.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -258,3 +259,77 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(setup):
     ck.close()
     assert info["step"] == last and data_state["next_index"] == last
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored))
+
+
+# ------------------------------------------------------------------------------------------------
+# training on a device mesh (8 fake CPU devices, see conftest)
+
+
+def test_process_shards_stack_into_the_single_process_batch(setup):
+    source = LabelDataset(setup["root"] / "train")
+    whole = make_dataset(source, batch_size=8, buckets=(64,), seed=5, n_batches=3)
+    parts = [make_dataset(source, batch_size=8, buckets=(64,), seed=5, n_batches=3, process_index=i, process_count=4)
+             for i in range(4)]
+    for b in range(3):
+        for k, v in whole[b].items():
+            got = np.concatenate([p[b][k] for p in parts])
+            np.testing.assert_array_equal(got, v)
+        assert parts[0][b]["prompt_ids"].shape[0] == 2
+    with pytest.raises(ValueError, match="does not split over 3 processes"):
+        make_dataset(source, batch_size=8, buckets=(64,), n_batches=1, process_count=3)
+
+
+def _assert_close_adapters(a, b, atol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol)
+
+
+MESH_ATOL = 1e-5
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)])
+def test_train_on_a_mesh_equals_single_device(setup, shape):
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from lkv_jax.sharding import adapter_specs, make_mesh
+
+    single = train(config(setup, "single6", steps=6, checkpoint_every=3), model=setup["model"], progress=False)
+    name = "mesh" + "".join(map(str, shape))
+    sharded = train(config(setup, name, steps=6, checkpoint_every=3, mesh=shape), model=setup["model"],
+                    progress=False)
+    _assert_close_adapters(sharded, single, MESH_ATOL)
+    # the comparison is not vacuous: six AdamW steps moved the adapter far more than the tolerance
+    init = init_adapter(setup["model"].config, jax.random.key(0), 8, 8, 32.0)
+    moved = max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
+                for x, y in zip(jax.tree.leaves(single), jax.tree.leaves(init), strict=True))
+    assert moved > 100 * MESH_ATOL
+    log = [json.loads(line) for line in open(setup["root"] / name / "metrics.jsonl")]
+    ref = [json.loads(line) for line in open(setup["root"] / "single6" / "metrics.jsonl")]
+    np.testing.assert_allclose([m["loss"] for m in log], [m["loss"] for m in ref], rtol=1e-5)
+    mesh = make_mesh(shape)
+    declared = jax.tree.leaves(adapter_specs(sharded), is_leaf=lambda x: isinstance(x, P))
+    for arr, spec in zip(jax.tree.leaves(sharded), declared, strict=True):
+        assert arr.sharding.is_equivalent_to(NamedSharding(mesh, spec), arr.ndim)
+    saved = load_adapter(setup["root"] / name / "adapter.safetensors")
+    _assert_close_adapters(saved, sharded, 0.0)
+
+
+def test_checkpoint_from_one_mesh_resumes_on_another(setup):
+    """Stopped after 3 steps on (8,1,1), resumed on (2,2,2): the same adapter as 6 steps on one device."""
+    cfg = config(setup, "remesh", steps=6, checkpoint_every=3, mesh=(8, 1, 1))
+    train(cfg, model=setup["model"], progress=False, stop_after=3)
+    resumed = train(dataclasses.replace(cfg, mesh=(2, 2, 2)), model=setup["model"], progress=False)
+    single = train(config(setup, "single6", steps=6, checkpoint_every=3), model=setup["model"], progress=False)
+    _assert_close_adapters(resumed, single, MESH_ATOL)
+    log = [json.loads(line)["step"] for line in open(setup["root"] / "remesh" / "metrics.jsonl")]
+    assert log == [3, 6]
+
+
+def test_mesh_that_does_not_divide_the_batch_is_refused(setup):
+    from lkv_jax.sharding import MeshError
+
+    with pytest.raises(MeshError, match="'data' of size 8 does not divide batch size=4"):
+        train(config(setup, "badmesh", steps=2, batch_size=4, mesh=(8, 1, 1)), model=setup["model"], progress=False)
+    with pytest.raises(ValueError, match="three positive sizes"):
+        config(setup, "badmesh2", mesh=(2, 2))

@@ -147,3 +147,35 @@ def test_mesh_errors_name_axis_and_sizes(model):
         check_mesh(make_mesh((8, 1, 1)), CFG, batch=6)
     with pytest.raises(MeshError, match="needs 16 devices"):
         make_mesh((4, 2, 2))
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)])
+@pytest.mark.parametrize("press_name", [None, "snapkv"])
+def test_generate_on_a_mesh_equals_single_device(model, shape, press_name):
+    from lkv_jax.distributed import generate_on_mesh
+
+    rs = np.random.RandomState(7)
+    ids = rs.randint(3, 128, size=(8, 40))
+    mask = np.ones_like(ids)
+    mask[2, :9] = 0  # a left-padded row
+    press = None if press_name is None else lkv_jax.presses.SnapKVPress(budget=16, window_size=4)
+    want = lkv_jax.generate(model, ids, 6, press, attention_mask=mask, eos_token_id=5)
+    mesh = make_mesh(shape)
+    got = generate_on_mesh(shard_model(model, mesh), ids, 6, press, mesh, attention_mask=mask, eos_token_id=5)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_decode_on_a_mesh_has_the_declared_shardings(model):
+    from lkv_jax.distributed import decode_on_mesh, prefill_on_mesh
+
+    mesh = make_mesh((2, 2, 2))
+    sharded = shard_model(model, mesh)
+    ids = np.random.RandomState(8).randint(3, 128, size=(4, 24))
+    cache, logits = prefill_on_mesh(sharded, ids, mesh)
+    for k in cache.keys:
+        assert k.sharding.is_equivalent_to(NamedSharding(mesh, P("data", "tensor", None, None)), 4)
+    assert logits.sharding.is_equivalent_to(NamedSharding(mesh, P("data", None)), 2)
+    tokens, n = decode_on_mesh(sharded, cache, logits, 5, mesh, eos_token_id=())
+    assert tokens.shape == (4, 5) and int(n) == 5
+    assert tokens.sharding.is_equivalent_to(NamedSharding(mesh, P("data", None)), 2)
+    np.testing.assert_array_equal(np.asarray(tokens), lkv_jax.generate(model, ids, 5, eos_token_id=()))

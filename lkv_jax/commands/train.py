@@ -36,6 +36,9 @@ def add_arguments(p) -> None:
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--dtype", default=d.dtype, help="base model activation dtype")
+    p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
+                   help="run the step over a device mesh of these axis sizes (e.g. 4,2,1 on 8 chips; the batch "
+                        "size must be divisible by DATA); default: one device")
     p.add_argument("--stop-after", type=int, default=None, help="stop at this step (resume later with the same args)")
     p.add_argument("--no-progress", action="store_true")
 
@@ -49,7 +52,8 @@ def config_from_args(args):
         weight_decay=args.weight_decay, clip_norm=args.clip_norm, n_lookahead=args.n_lookahead, rank=args.rank,
         alpha=args.alpha, targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
         buckets=_ints(args.buckets), seed=args.seed, labels=args.labels, checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, dtype=args.dtype)
+        keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, dtype=args.dtype,
+        mesh=_ints(args.mesh) if args.mesh else None)
 
 
 def run(args) -> int:

@@ -4,6 +4,10 @@
 when complete) and keep-N retention. The adapter and the optax state are stored as flat dicts of
 their leaves (in `jax.tree` order) and restored into templates of the same structure, so any pytree
 node type (the adapter dataclass, optax's named tuples) round-trips without orbax knowing it.
+
+Sharded `jax.Array` leaves are saved as they are (every process writes its shards) and restored with
+the template's shardings, so a checkpoint written on one mesh restores onto another: give templates
+placed on the new mesh.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import jax
 import numpy as np
 
 
-def _flat(tree) -> dict[str, np.ndarray]:
-    return {f"p{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(tree))}
+def _flat(tree) -> dict:
+    # jax.Arrays stay as they are (possibly sharded over processes); anything else becomes numpy
+    return {f"p{i:05d}": x if isinstance(x, jax.Array) else np.asarray(x) for i, x in enumerate(jax.tree.leaves(tree))}
 
 
 def _unflat(template, flat: dict):
@@ -29,7 +34,10 @@ def _unflat(template, flat: dict):
         if tuple(np.shape(x)) != tuple(np.shape(ref)):
             raise ValueError(f"checkpoint tensor {i} has shape {np.shape(x)}, expected {np.shape(ref)}: "
                              "was it written with other adapter settings?")
-        out.append(jax.numpy.asarray(x, dtype=np.asarray(ref).dtype))
+        dtype = ref.dtype if hasattr(ref, "dtype") else np.asarray(ref).dtype
+        if not isinstance(x, jax.Array):
+            x = jax.numpy.asarray(x)
+        out.append(x if x.dtype == dtype else x.astype(dtype))
     return jax.tree.unflatten(treedef, out)
 
 
@@ -61,7 +69,8 @@ class TrainCheckpointer:
         return self.manager.restore(step, args=ocp.args.Composite(info=ocp.args.JsonRestore()))["info"]
 
     def restore(self, step: int, adapter_template, opt_state_template):
-        """Returns (adapter, opt_state, data_state, info) of checkpoint `step`."""
+        """Returns (adapter, opt_state, data_state, info) of checkpoint `step`, placed like the templates'
+        leaves (their shardings, when they are jax.Arrays)."""
         ocp = self._ocp
         r = self.manager.restore(step, args=ocp.args.Composite(
             adapter=ocp.args.StandardRestore(_flat(adapter_template)),

@@ -73,16 +73,30 @@ def response_bucket(n: int) -> int:
 
 
 class Collate:
-    """(bucket, indices) -> a padded numpy batch read from a random-access source (see module doc)."""
+    """(bucket, indices) -> a padded numpy batch read from a random-access source (see module doc).
 
-    def __init__(self, source, with_labels: bool = True):
+    With several processes (multi-host training) each one collates only its own contiguous slice of
+    every global batch: rows [i * B / n, (i + 1) * B / n) for process i of n, so the per-process batches,
+    stacked in process order, are exactly the single-process batch (`jax.make_array_from_process_local_data`
+    assembles them that way over the mesh's data axis).
+    """
+
+    def __init__(self, source, with_labels: bool = True, *, process_index: int = 0, process_count: int = 1):
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
         self.source, self.with_labels = source, with_labels
+        self.process_index, self.process_count = process_index, process_count
 
     def __call__(self, item):
-        T, rows = item
-        samples = [self.source[i] for i in rows if i >= 0]
-        if not samples:
+        T, all_rows = item
+        if len(all_rows) % self.process_count:
+            raise ValueError(f"a batch of {len(all_rows)} rows does not split over {self.process_count} processes")
+        first = next((i for i in all_rows if i >= 0), None)
+        if first is None:
             raise ValueError("a batch without any real sample")
+        n = len(all_rows) // self.process_count
+        rows = all_rows[self.process_index * n:(self.process_index + 1) * n]
+        samples = [self.source[i] for i in rows if i >= 0] or [self.source[first]]
         B = len(rows)
         R = response_bucket(max(len(s["response_ids"]) for s in samples))
         out = {"prompt_ids": np.zeros((B, T), np.int32), "prompt_valid": np.zeros((B, T), bool),
@@ -108,10 +122,13 @@ class Collate:
 
 
 def make_dataset(source, *, batch_size: int, buckets=DEFAULT_BUCKETS, seed: int = 0, n_batches: int,
-                 with_labels: bool = True, lengths=None):
+                 with_labels: bool = True, lengths=None, process_index: int = 0, process_count: int = 1):
     """A grain MapDataset of n_batches padded batches over `source` (a `LabelDataset` or any
     random-access sequence of sample dicts). `iter(ds)` gives a resumable iterator
-    (`get_state()` / `set_state()`)."""
+    (`get_state()` / `set_state()`).
+
+    batch_size is the global batch; with process_count > 1 every process plans the same batches (same
+    seed) and reads only its batch_size / process_count rows of each (see `Collate`)."""
     import grain
 
     if batch_size < 1:
@@ -120,5 +137,8 @@ def make_dataset(source, *, batch_size: int, buckets=DEFAULT_BUCKETS, seed: int 
         lengths = getattr(source, "prompt_lengths", None)
         if lengths is None:
             lengths = [len(source[i]["prompt_ids"]) for i in range(len(source))]
+    if batch_size % process_count:
+        raise ValueError(f"batch_size {batch_size} does not split over {process_count} processes")
     plan = plan_batches(lengths, batch_size, buckets, seed, n_batches)
-    return grain.MapDataset.source(plan).map(Collate(source, with_labels))
+    return grain.MapDataset.source(plan).map(
+        Collate(source, with_labels, process_index=process_index, process_count=process_count))

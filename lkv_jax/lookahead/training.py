@@ -16,12 +16,12 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -66,6 +66,10 @@ class TrainConfig:
     log_every: int = 10
     recall_budgets: tuple[int, ...] = (64, 128, 256)
     dtype: str = "bfloat16"  # base model activations
+    # (data, fsdp, tensor) mesh sizes: the step runs jitted over that mesh (base FSDP + tensor parallel,
+    # adapter and optimizer state sharded like their base weights, batch over data); None: one device.
+    # Not run-defining: a run checkpointed on one mesh resumes on another.
+    mesh: tuple[int, int, int] | None = None
 
     def __post_init__(self):
         if self.labels not in LABEL_SOURCES:
@@ -76,6 +80,8 @@ class TrainConfig:
         if not self.learning_rate > 0 or self.warmup_steps < 0 or self.clip_norm <= 0:
             raise ValueError("need learning_rate > 0, warmup_steps >= 0 and clip_norm > 0")
         check_buckets(self.buckets)
+        if self.mesh is not None and (len(self.mesh) != 3 or any(int(n) < 1 for n in self.mesh)):
+            raise ValueError(f"mesh must be three positive sizes (data, fsdp, tensor), got {self.mesh}")
 
 
 def make_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -140,7 +146,7 @@ def _step_for(graphdef, cfg: TrainConfig):
 def _optimisation_key(cfg: TrainConfig) -> TrainConfig:
     """cfg with the fields that do not change the step's computation blanked (the cache key)."""
     return dataclasses.replace(cfg, data_dir="", out_dir="", model_dir=None, checkpoint_every=1, keep_checkpoints=1,
-                               log_every=1, seed=0, buckets=(8,))
+                               log_every=1, seed=0, buckets=(8,), mesh=None)
 
 
 def _trim_metrics(path: Path, last_step: int) -> None:
@@ -165,8 +171,64 @@ def check_resumable(saved: dict, cfg: TrainConfig) -> None:
                          "same settings or use a new output directory")
 
 
-def _all_finite(tree) -> bool:
-    return all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(tree))
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    # one replicated scalar, also for arrays sharded over several processes
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+class _Placement:
+    """Where a run's arrays live and which compiled step it calls: one device (mesh None) or a
+    ("data", "fsdp", "tensor") mesh, with this process feeding its rows of every global batch."""
+
+    def __init__(self, cfg: TrainConfig, model, optimizer):
+        from lkv_jax.sharding import check_mesh, make_mesh
+
+        self.cfg, self.optimizer = cfg, optimizer
+        self.mesh = None if cfg.mesh is None else make_mesh(tuple(int(n) for n in cfg.mesh))
+        if self.mesh is not None:
+            check_mesh(self.mesh, model.config, batch=cfg.batch_size)
+        n_proc = jax.process_count()
+        if n_proc > 1 and (self.mesh is None or self.mesh.devices.size != jax.device_count()):
+            # without one mesh over every device the processes would train separate adapters
+            raise ValueError(f"training on {n_proc} processes needs a mesh (TrainConfig.mesh / --mesh) over all "
+                             f"{jax.device_count()} devices, got {cfg.mesh}")
+        if cfg.batch_size % n_proc:
+            raise ValueError(f"batch_size {cfg.batch_size} does not split over {n_proc} processes")
+        self.graphdef, state = nnx.split(model)
+        self.base = state
+        self._steps: dict[int, object] = {}
+        if self.mesh is not None:
+            from lkv_jax.sharding import named, param_specs
+
+            self.base = jax.device_put(nnx.to_pure_dict(state), named(self.mesh, param_specs(model)))
+
+    def place(self, adapter, opt_state):
+        """The fresh adapter and optimizer state, sharded over the mesh (templates for a restore too)."""
+        if self.mesh is None:
+            return adapter, opt_state
+        from lkv_jax.distributed import opt_state_specs
+        from lkv_jax.sharding import adapter_specs, named
+
+        o_specs = opt_state_specs(self.optimizer, opt_state, adapter)
+        return (jax.device_put(adapter, named(self.mesh, adapter_specs(adapter))),
+                jax.device_put(opt_state, named(self.mesh, o_specs)))
+
+    def step(self, adapter, opt_state, local_batch: dict):
+        """One compiled step on this process's rows of the batch (all rows on one process)."""
+        T = local_batch["prompt_ids"].shape[1]
+        chunk = prefill_chunk(T)
+        if self.mesh is None:
+            fn = _step_for(self.graphdef, _optimisation_key(self.cfg))
+            return fn(self.base, adapter, opt_state, local_batch, chunk)
+        from lkv_jax.distributed import global_batch, train_step_on_mesh
+
+        batch = global_batch(local_batch, self.mesh)
+        if T not in self._steps:
+            self._steps[T] = train_step_on_mesh(self.graphdef, self.optimizer, self.mesh, self.base, adapter,
+                                                opt_state, batch, chunk=chunk, label_source=self.cfg.labels,
+                                                recall_budgets=self.cfg.recall_budgets)
+        return self._steps[T](self.base, adapter, opt_state, batch)
 
 
 def train(cfg: TrainConfig, *, model=None, progress: bool = True, stop_after: int | None = None) -> LookaheadAdapter:
@@ -176,9 +238,15 @@ def train(cfg: TrainConfig, *, model=None, progress: bool = True, stop_after: in
     metrics, out_dir/config.json the config. `model`: an already loaded base (else cfg.model_dir).
     `stop_after`: stop once this step is reached (to split a run across preemptible jobs).
     Raises TrainingDivergedError on a non-finite loss or gradient, before it reaches a checkpoint.
+
+    With `cfg.mesh` the step runs over a device mesh (`lkv_jax.distributed.train_step_on_mesh`); when
+    launched as several processes (`lkv_jax.distributed.maybe_initialize_distributed`) each reads its
+    own rows of every batch, all write their shards of the checkpoints, and process 0 alone writes the
+    metrics and the adapter file. The returned adapter is then sharded like the checkpoint.
     """
     from tqdm import tqdm
 
+    from lkv_jax.distributed import fetch_to_host
     from lkv_jax.lookahead.checkpointing import TrainCheckpointer
     from lkv_jax.lookahead.label_store import LabelDataset
 
@@ -198,17 +266,20 @@ def train(cfg: TrainConfig, *, model=None, progress: bool = True, stop_after: in
     if too_long:
         raise ValueError(f"{too_long} prompts are longer than the largest bucket {cfg.buckets[-1]}; add a bucket")
 
+    lead = jax.process_index() == 0  # the process that writes the metrics and the adapter file
     out = Path(cfg.out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
 
     optimizer = make_optimizer(cfg)
+    placement = _Placement(cfg, model, optimizer)
     adapter = init_adapter(mc, jax.random.key(cfg.seed), cfg.n_lookahead, cfg.rank, cfg.alpha, cfg.targets)
-    opt_state = optimizer.init(adapter)
-    if progress:
+    adapter, opt_state = placement.place(adapter, optimizer.init(adapter))
+    if progress and lead:
         print(param_summary(mc, adapter))
     dataset = make_dataset(source, batch_size=cfg.batch_size, buckets=cfg.buckets, seed=cfg.seed,
-                           n_batches=cfg.steps, with_labels=cfg.labels == "dataset")
+                           n_batches=cfg.steps, with_labels=cfg.labels == "dataset",
+                           process_index=jax.process_index(), process_count=jax.process_count())
     it = iter(dataset)
     ckpt = TrainCheckpointer(out / "checkpoints", keep=cfg.keep_checkpoints)
     step = 0
@@ -222,21 +293,21 @@ def train(cfg: TrainConfig, *, model=None, progress: bool = True, stop_after: in
             raise
         it.set_state(data_state)
         step = latest
-        _trim_metrics(metrics_path, step)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    graphdef, base_params = nnx.split(model)
-    step_fn = _step_for(graphdef, _optimisation_key(cfg))
+        if lead:
+            _trim_metrics(metrics_path, step)
+    if lead:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     end = cfg.steps if stop_after is None else min(cfg.steps, int(stop_after))
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not (progress and lead))
     t0 = time.perf_counter()
     try:
-        with metrics_path.open("a") as log:
+        with open(metrics_path if lead else os.devnull, "a") as log:
             while step < end:
                 batch = next(it)
                 T = batch["prompt_ids"].shape[1]
-                new_adapter, new_opt, m = step_fn(base_params, adapter, opt_state, batch, prefill_chunk(T))
+                new_adapter, new_opt, m = placement.step(adapter, opt_state, batch)
                 m = {k: float(v) for k, v in jax.device_get(m).items()}
-                if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and _all_finite(new_adapter)):
+                if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and bool(_all_finite(new_adapter))):
                     raise TrainingDivergedError(
                         f"step {step + 1}: loss {m['loss']}, gradient norm {m['grad_norm']} (prompt bucket {T}); "
                         f"stopped, the last good checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is "
@@ -255,8 +326,7 @@ def train(cfg: TrainConfig, *, model=None, progress: bool = True, stop_after: in
     finally:
         bar.close()
         ckpt.close()
-    save_adapter(adapter, out / "adapter.safetensors")
+    host_adapter = fetch_to_host(adapter)  # every process takes part in the gather
+    if lead:
+        save_adapter(host_adapter, out / "adapter.safetensors")
     return adapter
-
-
-
