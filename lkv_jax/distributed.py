@@ -30,14 +30,23 @@ from lkv_jax.sharding import adapter_specs, batch_spec, cache_specs, check_mesh,
 def maybe_initialize_distributed() -> bool:
     """Call `jax.distributed.initialize()` when launched as one of several processes.
 
-    Detects a coordinator given by environment (JAX_COORDINATOR_ADDRESS, as our TPU launcher sets,
-    or a multi-worker TPU VM / SLURM job that jax auto-detects when LKV_DISTRIBUTED=1). Returns True
-    if it initialised. Must run before any other JAX call.
+    Triggers on JAX_COORDINATOR_ADDRESS (host:port of process 0) or LKV_DISTRIBUTED=1 (a multi-worker
+    TPU VM or SLURM job, which jax auto-detects; our TPU launcher sets it). Outside auto-detected
+    clusters give JAX_NUM_PROCESSES and JAX_PROCESS_ID too. On CPU (JAX_PLATFORMS=cpu) the processes'
+    collectives go through gloo. Returns True if it initialised. Must run before any other JAX call.
     """
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("LKV_DISTRIBUTED") == "1":
-        jax.distributed.initialize()
-        return True
-    return False
+    env = os.environ
+    if not (env.get("JAX_COORDINATOR_ADDRESS") or env.get("LKV_DISTRIBUTED") == "1"):
+        return False
+    kw = {}
+    if env.get("JAX_NUM_PROCESSES"):
+        kw["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+    if env.get("JAX_PROCESS_ID"):
+        kw["process_id"] = int(env["JAX_PROCESS_ID"])
+    if env.get("JAX_PLATFORMS", "").strip() == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kw)
+    return True
 
 
 def process_shard(n_items: int) -> range:

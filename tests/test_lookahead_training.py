@@ -333,3 +333,63 @@ def test_mesh_that_does_not_divide_the_batch_is_refused(setup):
         train(config(setup, "badmesh", steps=2, batch_size=4, mesh=(8, 1, 1)), model=setup["model"], progress=False)
     with pytest.raises(ValueError, match="three positive sizes"):
         config(setup, "badmesh2", mesh=(2, 2))
+
+
+WORKER = """
+import json, sys
+import numpy as np
+from lkv_jax.distributed import maybe_initialize_distributed
+assert maybe_initialize_distributed()
+import jax
+import lkv_jax
+from lkv_jax.distributed import generate_on_mesh
+from lkv_jax.lookahead.training import TrainConfig, train
+from lkv_jax.sharding import make_mesh, shard_model
+
+cfg = TrainConfig(**json.loads(sys.argv[1]))
+model = lkv_jax.load_hf(cfg.model_dir, dtype="float32")
+train(cfg, model=model, progress=False)
+ids = np.asarray(json.loads(sys.argv[2]))
+mesh = make_mesh(cfg.mesh)
+tokens = generate_on_mesh(shard_model(model, mesh), ids, 6, lkv_jax.presses.SnapKVPress(budget=16, window_size=4), mesh)
+if jax.process_index() == 0:
+    np.save(sys.argv[3], tokens)
+print("process", jax.process_index(), "of", jax.process_count(), "devices", jax.local_device_count(), "/",
+      jax.device_count())
+"""
+
+
+def test_two_processes_train_and_generate_like_one_device(setup, tmp_path):
+    """Multi-host on one machine: 2 processes x 4 CPU devices (gloo collectives), one (2,2,2) mesh. Each
+    process reads its half of every batch and writes its shards of the checkpoints; the adapter equals the
+    single-device run and generate_on_mesh equals lkv_jax.generate."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    cfg = config(setup, "twoproc", steps=6, checkpoint_every=3, mesh=(2, 2, 2), model_dir=str(setup["model_dir"]))
+    ids = np.random.RandomState(3).randint(3, 128, size=(4, 30))
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    argv = [sys.executable, str(script), json.dumps(dataclasses.asdict(cfg)), json.dumps(ids.tolist()),
+            str(tmp_path / "tokens.npy")]
+    procs = []
+    for pid in range(2):
+        env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
+               "JAX_PROCESS_ID": str(pid), "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    assert "process 1 of 2 devices 4 / 8" in outs[1]
+    single = train(config(setup, "single6", steps=6, checkpoint_every=3), model=setup["model"], progress=False)
+    _assert_close_adapters(load_adapter(setup["root"] / "twoproc" / "adapter.safetensors"), single, MESH_ATOL)
+    assert sorted(int(p.name) for p in (setup["root"] / "twoproc" / "checkpoints").iterdir() if p.name.isdigit()) \
+        == [3, 6]
+    want = lkv_jax.generate(setup["model"], ids, 6, SnapKVPress(budget=16, window_size=4))
+    np.testing.assert_array_equal(np.load(tmp_path / "tokens.npy"), want)
