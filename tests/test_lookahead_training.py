@@ -284,7 +284,10 @@ def _assert_close_adapters(a, b, atol):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol)
 
 
-MESH_ATOL = 1e-5
+# six AdamW steps: Adam divides each gradient by its running RMS, which turns the float32 reduction-order
+# noise of a sharded step (~1e-7) into up to ~1e-5 where gradients are small (measured 5e-6 on (8,1,1),
+# 1e-5 on (2,2,2)); the adapter itself moves by ~1.5e-2, 300x the tolerance
+MESH_ATOL = 5e-5
 
 
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)])
