@@ -9,7 +9,7 @@ import pytest
 from lkv_jax.data.metrics import mean_score, string_match_all, string_match_part
 from lkv_jax.data.synthetic import TASKS, HFPromptEncoder, build_haystack, encode_builtin, generate_samples, niah_single
 from lkv_jax.data.training_stream import training_sequence
-from lkv_jax.data.vocab import NAMES, VALUES, builtin_vocab
+from lkv_jax.data.vocab import FILLER, NAMES, VALUES, builtin_vocab
 
 
 # ---------------------------------------------------------------------------------- brute force
@@ -232,6 +232,30 @@ def test_training_stream_supervises_exactly_the_answers():
         expected[rest] = 1.0
         np.testing.assert_array_equal(w, expected)  # supervised: exactly the answers (+ EOS) and the copies
     assert set(kinds) == {"key", "keys", "all", "chain", "list", "top", "copy"}
+
+
+def test_haystack_sequences_ask_about_records_hidden_in_filler():
+    v = builtin_vocab()
+    n_questions = 0
+    for seed in range(10):
+        ids, w = training_sequence(np.random.default_rng(seed), 512, v, p_frequent_words=0.0, p_haystack=1.0)
+        words = v.decode(ids, skip_special=False).split()
+        first_q = words.index("?")
+        assert first_q >= 0.6 * 512 and w[:first_q].sum() == 0  # context first, nothing supervised in it
+        assert sum(x in FILLER for x in words[:first_q]) > 0.4 * first_q  # a haystack, not a record list
+        expected = np.zeros_like(w)
+        for i in [j for j, x in enumerate(words) if x == "?"]:
+            if ":" not in words[i:]:
+                break
+            colon = words.index(":", i)
+            end = words.index("<eos>", colon) if "<eos>" in words[colon:] else len(words)
+            truth = solve(words[:first_q], " ".join(words[i:colon + 1])).split()
+            answer = words[colon + 1:end]
+            assert answer == (truth if end < len(words) else truth[:len(answer)])
+            expected[colon + 1:end + 1] = 1.0
+            n_questions += 1
+        np.testing.assert_array_equal(w, expected)
+    assert n_questions > 40
 
 
 def test_training_stream_small_alphabet():

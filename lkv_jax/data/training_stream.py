@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lkv_jax.data.synthetic import filler_sentence, key_record, tag_record, value_words, var_record
+from lkv_jax.data.synthetic import build_haystack, filler_sentence, key_record, tag_record, value_words, var_record
 from lkv_jax.data.vocab import NAMES, TAGS, VALUES
 
 MAX_MULTI_VALUES, MAX_HOPS, MAX_TAG_ITEMS = 6, 8, 12
@@ -146,6 +146,53 @@ def _ask(rng, kind, single, multi, chains, tagged) -> tuple[str, str]:
     return f"? list {t} :", " ; ".join(f"{t} {i} : {v}" for i, v in enumerate(tagged[t], start=1))
 
 
+def _haystack_stream(rng: np.random.Generator, n_words: int, values, names) -> _Stream:
+    """The benchmark's shape: a filler haystack of 60-85% of the sequence with a few records at random depths
+    (single keys, a multi-value key, a tag list, a variable chain), then questions about them until the
+    end, each answer supervised. Answers must come from anywhere in a long context, as in the tasks."""
+    free_names = list(rng.permutation(names))
+    single: dict[str, str] = {}
+    multi: dict[str, list[str]] = {}
+    chains: list[list[str]] = []
+    tagged: dict[str, list[str]] = {}
+    needles: list[tuple[float, str]] = []
+
+    def ordered_depths(n):  # records of one list/chain/key in context order
+        return sorted(float(x) for x in rng.uniform(0.0, 1.0, n))
+
+    for _ in range(int(rng.integers(1, 7))):
+        k, v = free_names.pop(), value_words(rng, int(rng.integers(3, 6)), values)
+        single[k] = v
+        needles.append((float(rng.uniform()), key_record(k, v)))
+    if rng.random() < 0.5:
+        k = free_names.pop()
+        multi[k] = [value_words(rng, int(rng.integers(3, 6)), values) for _ in range(int(rng.integers(2, 5)))]
+        needles += [(d, key_record(k, v)) for d, v in zip(ordered_depths(len(multi[k])), multi[k], strict=True)]
+    if rng.random() < 0.6:
+        for t in rng.choice(TAGS, int(rng.integers(1, 3)), replace=False):
+            tagged[t] = [value_words(rng, int(rng.integers(2, 5)), values) for _ in range(int(rng.integers(2, 8)))]
+            needles += [(d, tag_record(t, i, v)) for i, (d, v) in
+                        enumerate(zip(ordered_depths(len(tagged[t])), tagged[t], strict=True), start=1)]
+    if rng.random() < 0.4:
+        chain = [values[int(rng.integers(0, len(values)))]]
+        depths = ordered_depths(int(rng.integers(2, 6)))
+        for d in depths:
+            name = free_names.pop()
+            needles.append((d, var_record(name, chain[-1])))
+            chain.append(name)
+        chains.append(chain)
+    need = sum(len(t.split()) for _, t in needles)
+    context_len = max(int(n_words * rng.uniform(0.6, 0.85)), need + 8)
+    # stable sort by depth keeps each list's records in order (build_haystack keeps the given order too)
+    context, _ = build_haystack(rng, context_len, sorted(needles, key=lambda x: x[0]))
+    s = _Stream()
+    s.context(context)
+    kinds = _questions(single, multi, chains, tagged)
+    while len(s.words) < n_words:
+        s.answer(*_ask(rng, kinds[int(rng.integers(0, len(kinds)))], single, multi, chains, tagged))
+    return s
+
+
 def _copy_stream(rng: np.random.Generator, n_words: int, values) -> _Stream:
     """Fresh spans of value words and verbatim repeats of earlier ones, about half of them repeats."""
     s = _Stream()
@@ -183,7 +230,7 @@ def _frequent_words_stream(rng: np.random.Generator, n_words: int, values) -> _S
 
 
 def training_sequence(rng: np.random.Generator, length: int, vocab, *, p_frequent_words: float = 0.1,
-                      symbols: int | None = None, p_copy: float = 0.0):
+                      symbols: int | None = None, p_copy: float = 0.0, p_haystack: float = 0.0):
     """One sequence of `length + 1` token ids (`<bos>` first) and per-token loss weights (1 on answer words,
     their EOS and copies): inputs are ids[:-1], targets ids[1:] weighted by weights[1:]. int32, float32 [T+1].
 
@@ -191,6 +238,8 @@ def training_sequence(rng: np.random.Generator, length: int, vocab, *, p_frequen
     induction heads within a few hundred steps on a 16-word alphabet and not within a thousand on the full
     128 (measured on this CPU), so the curriculum starts small and widens the alphabet.
     p_copy: the probability of a pure copy sequence (spans and their repeats only), for the first steps.
+    p_haystack: the probability (of the non-copy sequences) of a benchmark-shaped haystack with the questions
+    at its end (`_haystack_stream`); with 0 the random stream is exactly what it was without the option.
     """
     if length < 16:
         raise ValueError(f"length must be at least 16, got {length}")
@@ -203,6 +252,8 @@ def training_sequence(rng: np.random.Generator, length: int, vocab, *, p_frequen
         stream = _copy_stream(rng, length + 1, values)
     elif r < p_copy + (1 - p_copy) * p_frequent_words:
         stream = _frequent_words_stream(rng, length + 1, values)
+    elif r < p_copy + (1 - p_copy) * (p_frequent_words + p_haystack):
+        stream = _haystack_stream(rng, length + 1, values, names)
     else:
         stream = _record_stream(rng, length + 1, values, names)
     ids = np.asarray(vocab.encode(stream.words[: length + 1], strict=True), np.int32)
