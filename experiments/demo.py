@@ -32,17 +32,17 @@ TASKS = ("niah_single", "niah_multikey", "tag_list")
 
 @dataclasses.dataclass(frozen=True)
 class DemoSize:
-    n_train_prompts: int = 96
+    n_train_prompts: int = 192
     train_length: int = 1024
     label_new_tokens: int = 48
-    steps: int = 150
-    n_lookahead: int = 16
-    eval_samples: int = 16
+    steps: int = 300
+    n_lookahead: int = 32  # the paper's
+    eval_samples: int = 24
     eval_length: int = 1024
     budgets: tuple[int, ...] = (32, 64, 128)
 
 
-SIZES = {"default": DemoSize(), "quick": DemoSize(n_train_prompts=16, label_new_tokens=24, steps=20,
+SIZES = {"default": DemoSize(), "quick": DemoSize(n_train_prompts=16, label_new_tokens=24, steps=20, n_lookahead=16,
                                                   eval_samples=4, budgets=(32, 64))}
 
 

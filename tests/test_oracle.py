@@ -4,6 +4,7 @@ the runner's per-sample coverage against a brute-force computation from transfor
 from __future__ import annotations
 
 import json
+from dataclasses import replace as dataclass_replace
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from conftest import build_hf_model, save_hf_model
 
 import lkv_jax
 from lkv_jax.evaluation import EvalConfig, EvalSample, EvalTask, PressSpec, run_eval
-from lkv_jax.evaluation.oracle import coverage, kept_mask, response_labels, slots_to_positions
+from lkv_jax.evaluation.oracle import coverage, evidence_recall, kept_mask, response_labels, slots_to_positions
 from lkv_jax.evaluation.runner import cell_path
 from lkv_jax.inference import prepare_prompt
 from lkv_jax.lookahead.labels import pad_left, pad_right
@@ -115,3 +116,54 @@ def test_runner_coverage_equals_brute_force(tiny, tmp_path, mode):
         np.testing.assert_allclose(rl["oracle_coverage"], 1.0, atol=1e-5)  # budget >= prompt: everything kept
     assert small["oracle"]["coverage_per_layer"] == pytest.approx(
         np.mean([r["oracle_coverage"] for r in small["samples"]], axis=0).tolist())
+
+
+def test_evidence_recall_by_hand():
+    # layer 0: KV head 1 keeps 2 of the 3 evidence positions {1, 2, 4}; layer 1: head 0 keeps all of them
+    kept = [np.array([[1, 0, 0, 1, 0], [0, 1, 1, 0, 0]], bool), np.array([[0, 1, 1, 0, 1], [0, 0, 0, 0, 0]], bool)]
+    np.testing.assert_allclose(evidence_recall(kept, np.array([1, 2, 4])), [2 / 3, 1.0])
+    with pytest.raises(ValueError, match="no evidence"):
+        evidence_recall(kept, np.array([], int))
+
+
+def test_evidence_positions_are_the_answer_records():
+    from lkv_jax.data.synthetic import generate_samples
+    from lkv_jax.data.vocab import builtin_vocab
+    from lkv_jax.evaluation.tasks import synthetic_task
+
+    v = builtin_vocab()
+    for name in ("niah_single", "niah_multikey", "tag_list", "vt"):
+        raw = generate_samples(name, 3, 300, seed=4)
+        task = synthetic_task(name, n_samples=3, length=300, seed=4, vocab=v)
+        for s, e in zip(raw, task.samples, strict=True):
+            words = v.decode(e.context_ids[e.extra["evidence_positions"]]).split()
+            # exactly the records holding a reference, in context order
+            want = [w for _, text in s.needles if any(f" {r} " in f" {text} " for r in s.references)
+                    for w in text.split()]
+            assert words == want and len(words) > 0
+            if name == "niah_multikey":  # the asked record only, not the distractors
+                assert len(words) == len(s.needles[0][1].split())
+
+
+def test_runner_records_evidence_recall(tiny, tmp_path):
+    from lkv_jax.data.vocab import builtin_vocab
+    from lkv_jax.evaluation.tasks import synthetic_task
+
+    _, model = tiny  # vocabulary 128 < the built-in 448: remap ids into the model's range
+    task = synthetic_task("niah_single", n_samples=2, length=60, seed=0, vocab=builtin_vocab())
+    remap = lambda ids: np.asarray(ids) % 128  # noqa: E731
+    samples = tuple(dataclass_replace(s, context_ids=remap(s.context_ids), question_ids=remap(s.question_ids))
+                    for s in task.samples)
+    task = dataclass_replace(task, samples=samples)
+    cfg = EvalConfig(presses=(PressSpec.parse("streamingllm:n_sink=1"),), budgets=(8, 1000), batch_size=2,
+                     measure_overhead=False, oracle=False)
+    run_eval(model, [task], cfg, tmp_path, progress=False)
+    small = json.loads(cell_path(tmp_path, "streamingllm:n_sink=1", "budget=8", task.name).read_text())
+    large = json.loads(cell_path(tmp_path, "streamingllm:n_sink=1", "budget=1000", task.name).read_text())
+    for s, r in zip(samples, small["samples"], strict=True):
+        ev = np.asarray(s.extra["evidence_positions"])
+        n = len(s.prompt_ids)  # query-aware: context and question were compressed together
+        kept = (ev < 1) | (ev >= n - 7)  # the sink and the last 7 positions
+        np.testing.assert_allclose(r["evidence_recall"], kept.mean())
+    assert all(r["evidence_recall"] == [1.0, 1.0] for r in large["samples"])
+    assert small["evidence"]["recall_mean"] == pytest.approx(np.mean([r["evidence_recall"] for r in small["samples"]]))

@@ -12,6 +12,11 @@ i.e. each query head's label mass on the entries its KV head kept, AVERAGED over
 averaged over KV heads). 1 when everything is kept; a press that keeps what the response reads scores
 near 1 even at small budgets. In question-agnostic runs the question tokens (appended after
 compression, never evicted) count as kept.
+
+Coverage weighs every head's mass alike, and most of a small model's attention mass sits on sinks and
+recent tokens; an answer copied from a record hidden in the prompt needs those few record tokens in the
+one or two heads that retrieve them. So synthetic tasks also report the evidence recall: per layer, the
+share of the answer-bearing records' tokens kept by the KV head that keeps most of them.
 """
 
 from __future__ import annotations
@@ -62,6 +67,17 @@ def kept_mask(kept_positions: np.ndarray, n_positions: int) -> np.ndarray:
         raise ValueError(f"kept position {pos.max()} outside a prompt of {n_positions} tokens")
     mask[k_idx, pos] = True
     return mask
+
+
+def evidence_recall(kept: list[np.ndarray] | np.ndarray, evidence: np.ndarray) -> np.ndarray:
+    """Per layer, the share of the `evidence` positions (int [E], E >= 1) kept by the best KV head.
+
+    kept: per layer bool [K, P] (a list, or an array [n_layers, K, P]). Returns float64 [n_layers].
+    """
+    evidence = np.asarray(evidence, np.int64)
+    if evidence.size == 0:
+        raise ValueError("no evidence positions")
+    return np.array([float(np.asarray(m, bool)[:, evidence].mean(axis=1).max()) for m in kept])
 
 
 def coverage(label: np.ndarray, kept: list[np.ndarray] | np.ndarray,

@@ -119,31 +119,38 @@ def markdown_report(cells: list[dict]) -> tuple[str, dict]:
                 for press in [FULL_KV, *grid["presses"]] if press in scores[task]]
         if rows:
             parts += [f"## Score: {task}", "", _md(rows, head), ""]
-    overhead, oracle = {}, {}
-    rows_o, rows_c = [], []
+    overhead, oracle, evidence = {}, {}, {}
+    rows_o, rows_c, rows_e = [], [], []
     for press in grid["presses"]:
-        o_row, c_row = [press], [press]
-        overhead[press], oracle[press] = {}, {}
+        o_row, c_row, e_row = [press], [press], [press]
+        overhead[press], oracle[press], evidence[press] = {}, {}, {}
         for x in xs:
             cs = [_get(grid, t, press, x) for t in grid["tasks"]]
             cs = [c for c in cs if c is not None]
             ms = [c["timing"].get("overhead_ms") for c in cs if c["timing"].get("overhead_ms") is not None]
             pct = [c["timing"].get("overhead_pct") for c in cs if c["timing"].get("overhead_pct") is not None]
             cov = [c["oracle"]["coverage_mean"] for c in cs if c.get("oracle")]
+            ev = [c["evidence"]["recall_mean"] for c in cs if c.get("evidence")]
             overhead[press][x] = float(np.mean(ms)) if ms else None
             oracle[press][x] = float(np.mean(cov)) if cov else None
+            evidence[press][x] = float(np.mean(ev)) if ev else None
             o_row.append("-" if not ms else f"{np.mean(ms):.2f} ({np.mean(pct):+.0f}%)")
             c_row.append(_fmt(oracle[press][x], 3))
+            e_row.append(_fmt(evidence[press][x], 3))
         rows_o.append(o_row)
         rows_c.append(c_row)
+        rows_e.append(e_row)
     if rows_o:
         parts += ["## Eviction overhead: ms per batch above a plain prefill (% of the prefill)", "",
                   _md(rows_o, head), ""]
     if any(v is not None for row in oracle.values() for v in row.values()):
         parts += ["## Oracle coverage: share of the FullKV response's attention mass on kept entries "
                   "(mean over layers, query heads, samples, tasks)", "", _md(rows_c, head), ""]
+    if any(v is not None for row in evidence.values() for v in row.values()):
+        parts += ["## Evidence recall: share of the answer records' tokens kept by the best KV head "
+                  "(mean over layers, samples, tasks)", "", _md(rows_e, head), ""]
     numbers = {"kind": grid["kind"], "scores": _str_keys(scores), "overhead_ms": _str_keys(overhead),
-               "oracle_coverage": _str_keys(oracle)}
+               "oracle_coverage": _str_keys(oracle), "evidence_recall": _str_keys(evidence)}
     return "\n".join(parts), numbers
 
 

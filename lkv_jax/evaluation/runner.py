@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from lkv_jax.compression import compress
-from lkv_jax.evaluation.oracle import coverage, kept_mask, response_labels, slots_to_positions
+from lkv_jax.evaluation.oracle import coverage, evidence_recall, kept_mask, response_labels, slots_to_positions
 from lkv_jax.evaluation.tasks import EvalSample, EvalTask
 from lkv_jax.inference import DEFAULT_CHUNK, glimpse, prefill, prepare_prompt
 from lkv_jax.lookahead.labels import pad_left, pad_right
@@ -334,6 +334,12 @@ def _run_batch(model, batch: list[EvalSample], task: EvalTask, press, cfg: EvalC
                         "score": float(task.score(prediction, s)), "n_prompt": len(s.prompt_ids),
                         "n_context": len(s.context_ids), "n_question": len(s.question_ids),
                         "generated_ids": generated})
+    if press is not None:
+        for i, s in enumerate(batch):
+            if s.extra.get("evidence_positions"):
+                n = len(s.context_ids) if agnostic else len(s.prompt_ids)  # what was compressed
+                kept = [kept_mask(layer_kept[i], n) for layer_kept in kept_positions]
+                records[i]["evidence_recall"] = evidence_recall(kept, s.extra["evidence_positions"]).tolist()
     if press is not None and oracle is not None:
         labels = oracle.labels(model, batch, cfg)
         for i, s in enumerate(batch):
@@ -391,6 +397,10 @@ def _summary(records: list[dict], timings: list[dict]) -> dict:
         tm["overhead_ms"] = tm["compress_ms"] - tm["prefill_ms"]
         tm["overhead_pct"] = 100.0 * tm["overhead_ms"] / tm["prefill_ms"]
     out["timing"] = tm
+    ev = [r["evidence_recall"] for r in records if "evidence_recall" in r]
+    if ev:
+        per_layer = np.mean(np.asarray(ev), axis=0)
+        out["evidence"] = {"recall_per_layer": per_layer.tolist(), "recall_mean": float(per_layer.mean())}
     cov = [r["oracle_coverage"] for r in records if "oracle_coverage" in r]
     if cov:
         per_layer = np.mean(np.asarray(cov), axis=0)

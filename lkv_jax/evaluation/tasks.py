@@ -121,12 +121,25 @@ def synthetic_task(task: str, *, n_samples: int, length: int, seed: int = 0, voc
     samples, budget = [], 1
     for i, s in enumerate(raw):
         enc = encode(s)
+        extra = {"metric": s.metric, "target": s.target}
+        if encoder is None:  # one token per word after BOS: record word offsets are token positions - 1
+            extra["evidence_positions"] = evidence_positions(s)
         samples.append(EvalSample(id=f"{task}-{length}-{seed}-{i}", context_ids=enc.prompt, question_ids=enc.question,
-                                  answers=tuple(s.references), extra={"metric": s.metric, "target": s.target}))
+                                  answers=tuple(s.references), extra=extra))
         # the target's own length plus room for EOS and a little slack
         budget = max(budget, len(enc.target) + 4)
     return EvalTask(name=f"{task}-{length}", samples=tuple(samples), max_new_tokens=budget,
                     score=_synthetic_scorer(), decode=decode, eos_token_ids=eos)
+
+
+def evidence_positions(sample) -> list[int]:
+    """Token positions (built-in vocabulary, BOS at 0) of the records the answer is copied from: the
+    needles whose text holds one of the references (a variable chain's records hold its names)."""
+    out = []
+    for offset, text in sample.needles:
+        if any(f" {ref} " in f" {text} " for ref in sample.references):  # whole words only
+            out.extend(range(1 + offset, 1 + offset + len(text.split())))
+    return out
 
 
 def _synthetic_scorer() -> Callable[[str, EvalSample], float]:
