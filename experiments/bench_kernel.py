@@ -33,25 +33,17 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_timing import time_runs  # noqa: E402
 
 from pallas_kernels.suffix_attention import suffix_attention  # noqa: E402
 from pallas_kernels.suffix_attention.reference import suffix_attention_reference  # noqa: E402
 from pallas_kernels.topk_select import select_slots as pallas_select_slots  # noqa: E402
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of fn() (blocked on its result) over `repeats` runs after one warm-up run."""
-    jax.block_until_ready(fn())
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def timed_donating(fn, make_arg, repeats: int) -> float:
-    """Like `timed` for fn(arg) with a donated argument: a fresh copy per run, made outside the clock
+    """Like `time_runs` for fn(arg) with a donated argument: a fresh copy per run, made outside the clock
     (inside one jitted prefill + evict, XLA updates the cache in place the same way)."""
     jax.block_until_ready(fn(make_arg()))
     ts = []
@@ -97,8 +89,8 @@ def bench_attention(S, a, interpret, repeats):
     ker = jax.jit(lambda q, qp, k, v, kp, kv, sm: suffix_attention(q, qp, k, v, kp, kv, score_mask=sm,
                                                                    implementation="pallas", interpret=interpret))
     row = {"S": S}
-    row["ref_s"], row["ref_error"] = run_or_error(lambda: timed(lambda: ref(*args), repeats))
-    row["pallas_s"], row["pallas_error"] = run_or_error(lambda: timed(lambda: ker(*args), repeats))
+    row["ref_s"], row["ref_error"] = run_or_error(lambda: time_runs(lambda: ref(*args), repeats))
+    row["pallas_s"], row["pallas_error"] = run_or_error(lambda: time_runs(lambda: ker(*args), repeats))
     row["ref_temp_bytes"], row["pallas_temp_bytes"] = temp_bytes(ref, *args), temp_bytes(ker, *args)
     if row["ref_s"] and row["pallas_s"]:
         ro, rs = ref(*args)
@@ -122,8 +114,8 @@ def bench_select(S, a, interpret, repeats):
     ker = jax.jit(lambda s: pallas_select_slots(s, selectable, protected, budget, keep, implementation="pallas",
                                                 interpret=interpret))
     row = {"S": S, "budget": budget}
-    row["topk_s"], row["topk_error"] = run_or_error(lambda: timed(lambda: ref(scores), repeats))
-    row["pallas_s"], row["pallas_error"] = run_or_error(lambda: timed(lambda: ker(scores), repeats))
+    row["topk_s"], row["topk_error"] = run_or_error(lambda: time_runs(lambda: ref(scores), repeats))
+    row["pallas_s"], row["pallas_error"] = run_or_error(lambda: time_runs(lambda: ker(scores), repeats))
     if row["topk_s"] and row["pallas_s"]:
         (rs, rk), (ps, pk) = ref(scores), ker(scores)
         row["same_slots"] = bool((rs == ps).all() and (rk == pk).all())
@@ -205,7 +197,7 @@ def bench_e2e(a, interpret, repeats):
     model = Transformer(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     T = a.e2e_tokens
     ids = np.asarray(jax.random.randint(jax.random.key(2), (1, T), 0, cfg.vocab_size))
-    prefill_s = timed(lambda: prefill(model, ids, extra_capacity=a.L)[0].keys[0], repeats)
+    prefill_s = time_runs(lambda: prefill(model, ids, extra_capacity=a.L)[0].keys[0], repeats)
     cache, _ = prefill(model, ids, extra_capacity=a.L)
     x = model.embed_tokens(jnp.asarray(ids[:, -a.L:]))  # stands in for the 32 lookahead embeddings
     n_kept = min(a.budget, T // 2)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -32,6 +31,9 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_timing import best_interleaved, time_runs  # noqa: E402
 
 import lkv_jax  # noqa: E402
 from lkv_jax.inference import _prefill_jit, prepare_prompt  # noqa: E402
@@ -60,31 +62,7 @@ def build(layers: int, hidden: int, heads: int, kv_heads: int, inter: int, dtype
         return lkv_jax.load_hf(d, dtype=dtype)
 
 
-def median_time(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # warm-up / compile
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of all threads; less sensitive to load)
-
-
-def best_times(fns: dict, repeats: int) -> dict:
-    """Best-of-`repeats` wall time of each function, runs interleaved (round-robin) after one warm-up
-    each, so that load from other processes hits every method alike (shared machines)."""
-    for fn in fns.values():
-        jax.block_until_ready(fn())
-    best = {k: float("inf") for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = CLOCK()
-            jax.block_until_ready(fn())
-            best[k] = min(best[k], CLOCK() - t0)
-    return best
 
 
 def memory(compiled) -> int:
@@ -110,7 +88,7 @@ def bench_eviction(model, draft, ids, budget: int, repeats: int) -> dict:
     }
     fns = {"prefill": plain, **{name: (lambda press=press: lkv_jax.compress(model, ids, press))
                                 for name, press in presses.items()}}
-    t = best_times(fns, repeats)
+    t = best_interleaved(fns, repeats, clock=CLOCK)
     t_prefill = t["prefill"]
     row = {"prompt_tokens": int(ids.shape[1]), "prefill_s": t_prefill}
     for name in presses:
@@ -137,7 +115,7 @@ def bench_training(model, T: int, repeats: int) -> dict:
     chunk = prefill_chunk(T)
     step = jax.jit(lambda p, a, s, b: train_step(graphdef, p, a, s, b, optimizer=opt, chunk=chunk))
     compiled = step.lower(params, adapter, opt_state, batch).compile()
-    t = median_time(lambda: compiled(params, adapter, opt_state, batch), repeats)
+    t = time_runs(lambda: compiled(params, adapter, opt_state, batch), repeats)
     prefill = _prefill_jit.lower(graphdef, params, batch["prompt_ids"], batch["prompt_valid"], batch["positions"],
                                  chunk=chunk, capacity=T, all_logits=False).compile()
     m_step, m_prefill = memory(compiled), memory(prefill)

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import jax
@@ -24,6 +22,9 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_timing import time_runs  # noqa: E402
 
 import lkv_jax  # noqa: E402
 from lkv_jax.inference import _prefill_jit, prepare_prompt  # noqa: E402
@@ -42,16 +43,6 @@ def build_models(vocab: int, seed: int = 0):
         hf.save_pretrained(d)
         ours = lkv_jax.load_hf(d, dtype="float32")
     return hf, ours
-
-
-def time_it(fn, repeats: int) -> float:
-    fn()  # warm-up / compile
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def peak_bytes(model, ids, chunk: int) -> tuple[int, int]:
@@ -93,7 +84,7 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 hf(torch.tensor(ids), use_cache=True, logits_to_keep=1)
 
-        t_ours, t_torch = time_it(run_ours, args.repeats), time_it(run_torch, args.repeats)
+        t_ours, t_torch = time_runs(run_ours, args.repeats), time_runs(run_torch, args.repeats)
         total, temp = peak_bytes(ours, ids, args.chunk)
         row = dict(tokens=T, lkv_jax_s=t_ours, torch_sdpa_s=t_torch, lkv_jax_tok_s=T / t_ours,
                    torch_tok_s=T / t_torch, ratio=t_torch / t_ours, lkv_jax_peak_bytes=total, lkv_jax_temp_bytes=temp)

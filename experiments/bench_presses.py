@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -29,6 +28,9 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_timing import best_interleaved, time_runs  # noqa: E402
 
 from lkv_jax.config import ModelConfig  # noqa: E402
 from lkv_jax.inference import _prefill_jit, prepare_prompt  # noqa: E402
@@ -43,30 +45,6 @@ def bench_config(n_layers: int = 8, vocab: int = 32000) -> ModelConfig:
     return ModelConfig(vocab_size=vocab, hidden_size=512, intermediate_size=1408, num_hidden_layers=n_layers,
                        num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=32768,
                        eos_token_id=(2,))
-
-
-def time_it(fn, repeats: int) -> float:
-    """Best of `repeats` runs after a warm-up (the minimum is the least disturbed by other processes)."""
-    fn()  # warm-up / compile
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def time_pair(base, fn, repeats: int) -> tuple[float, float]:
-    """Best-of times of `base` and `fn`, run alternately so both see the same machine load."""
-    base()
-    fn()
-    tb, tf = [], []
-    for _ in range(repeats):
-        for f, acc in ((base, tb), (fn, tf)):
-            t0 = time.perf_counter()
-            f()
-            acc.append(time.perf_counter() - t0)
-    return min(tb), min(tf)
 
 
 def kvpress_snapkv_seconds(model, ids, budget: int, repeats: int):
@@ -100,7 +78,7 @@ def kvpress_snapkv_seconds(model, ids, budget: int, repeats: int):
         with torch.no_grad():
             hf(x, use_cache=True, logits_to_keep=1)
 
-    return (time_it(plain, repeats), time_it(run, repeats)), None
+    return (time_runs(plain, repeats, reduce=min), time_runs(run, repeats, reduce=min)), None
 
 
 def main(argv=None) -> int:
@@ -134,7 +112,7 @@ def main(argv=None) -> int:
                                          chunk=prompt.chunk, capacity=prompt.ids.shape[1], all_logits=False)
             jax.block_until_ready(logits)
 
-        t_prefill = time_it(prefill, args.repeats)
+        t_prefill = time_runs(prefill, args.repeats, reduce=min)
         print(f"T={T:6d}  prefill {t_prefill * 1e3:9.1f} ms", flush=True)
         for name in names:
             kw = {"draft_model": draft, "n_draft_tokens": args.n_draft_tokens} if name == "speckv" else {}
@@ -144,7 +122,8 @@ def main(argv=None) -> int:
                 out = press.compress(model, prompt)
                 jax.block_until_ready(out.cache.keys)
 
-            tp, t = time_pair(prefill, run, args.repeats)
+            best = best_interleaved({"prefill": prefill, "press": run}, args.repeats)
+            tp, t = best["prefill"], best["press"]
             row = dict(tokens=T, press=name, prefill_s=tp, press_s=t, overhead_pct=100 * (t / tp - 1))
             rows.append(row)
             print(f"T={T:6d}  {name:22s} {t * 1e3:9.1f} ms  overhead {row['overhead_pct']:7.2f} %", flush=True)
