@@ -335,23 +335,18 @@ def _run_batch(model, batch: list[EvalSample], task: EvalTask, press, cfg: EvalC
                         "n_context": len(s.context_ids), "n_question": len(s.question_ids),
                         "generated_ids": generated})
     if press is not None:
-        for i, s in enumerate(batch):
-            if s.extra.get("evidence_positions"):
-                n = len(s.context_ids) if agnostic else len(s.prompt_ids)  # what was compressed
-                kept = [kept_mask(layer_kept[i], n) for layer_kept in kept_positions]
-                records[i]["evidence_recall"] = evidence_recall(kept, s.extra["evidence_positions"]).tolist()
-    if press is not None and oracle is not None:
-        labels = oracle.labels(model, batch, cfg)
+        labels = oracle.labels(model, batch, cfg) if oracle is not None else None
         for i, s in enumerate(batch):
             n_all = len(s.prompt_ids)
-            n_compressed = len(s.context_ids) if agnostic else n_all
-            kept = []
-            for layer_kept in kept_positions:
-                m = np.zeros((layer_kept.shape[1], n_all), bool)
-                m[:, :n_compressed] = kept_mask(layer_kept[i], n_compressed)
-                kept.append(m)
-            always = np.arange(n_all) >= n_compressed  # the question, appended after compression
-            records[i]["oracle_coverage"] = coverage(labels[i], kept, always).tolist()
+            n_compressed = len(s.context_ids) if agnostic else n_all  # what the press saw
+            kept = [kept_mask(layer_kept[i], n_compressed) for layer_kept in kept_positions]  # per layer [K, n]
+            if s.extra.get("evidence_positions"):  # the records lie in the context
+                records[i]["evidence_recall"] = evidence_recall(kept, s.extra["evidence_positions"]).tolist()
+            if labels is not None:
+                # the question (agnostic runs: appended after compression) is always present
+                padded = [np.pad(m, ((0, 0), (0, n_all - n_compressed))) for m in kept]
+                always = np.arange(n_all) >= n_compressed
+                records[i]["oracle_coverage"] = coverage(labels[i], padded, always).tolist()
     return records, timing
 
 

@@ -197,8 +197,10 @@ class _Placement:
             raise ValueError(f"batch_size {cfg.batch_size} does not split over {n_proc} processes")
         self.graphdef, state = nnx.split(model)
         self.base = state
-        self._steps: dict[int, object] = {}
-        if self.mesh is not None:
+        self._steps: dict[int, object] = {}  # mesh: one jitted step per prompt bucket
+        if self.mesh is None:
+            self._single = _step_for(self.graphdef, _optimisation_key(cfg))  # compiles per bucket itself
+        else:
             from lkv_jax.sharding import named, param_specs
 
             self.base = jax.device_put(nnx.to_pure_dict(state), named(self.mesh, param_specs(model)))
@@ -219,8 +221,7 @@ class _Placement:
         T = local_batch["prompt_ids"].shape[1]
         chunk = prefill_chunk(T)
         if self.mesh is None:
-            fn = _step_for(self.graphdef, _optimisation_key(self.cfg))
-            return fn(self.base, adapter, opt_state, local_batch, chunk)
+            return self._single(self.base, adapter, opt_state, local_batch, chunk)
         from lkv_jax.distributed import global_batch, train_step_on_mesh
 
         batch = global_batch(local_batch, self.mesh)
