@@ -10,7 +10,8 @@ experiments/train_tiny_target.py on the synthetic tasks) it:
   3. trains the LookaheadKV adapter (lookahead embeddings + selective LoRA) on them (`lkv train`);
   4. evaluates FullKV, LookaheadKV, SnapKV (window inside and outside the budget), PyramidKV,
      StreamingLLM, TOVA and LAQ at small budgets on held-out samples (`lkv eval`), with the oracle
-     coverage diagnostics and the eviction overhead;
+     coverage diagnostics and the eviction overhead, and as a reference the response-attention oracle
+     (the model's own full-cache answer scores the prompt: what LookaheadKV learns to predict);
   5. prints the results table and writes runs/demo/eval/{results.md, scores.png, overhead.png, oracle.png}.
 Every stage is resumable: rerunning continues where it stopped.
 """
@@ -101,8 +102,12 @@ def main(argv=None) -> int:
     presses = ("lookaheadkv", "snapkv:window_size=8", "snapkv:window_size=8:window_outside=True",
                "pyramidkv:window_size=8", "streamingllm", "tova", "laq:window_size=8")
     # overhead timed on each cell's first batch (best of 2, after a warm-up): enough for a table, cheap
-    ecfg = EvalConfig(presses=tuple(PressSpec.parse(p) for p in presses), budgets=size.budgets, batch_size=4,
-                      timing_repeats=2, timing_batches=1)
+    # the model as its own draft: its full-cache answer scores the prompt, the response-attention oracle that
+    # LookaheadKV learns to predict (an upper reference, not a deployable press: it decodes the answer first)
+    oracle = PressSpec("speckv", (("draft_model", "self"), ("window_size", 1), ("kernel_size", 1),
+                                  ("reduction", "mean"), ("n_draft_tokens", size.label_new_tokens)), "response-oracle")
+    ecfg = EvalConfig(presses=tuple(PressSpec.parse(p) for p in presses) + (oracle,), budgets=size.budgets,
+                      batch_size=4, timing_repeats=2, timing_batches=1)
     run_eval(model, tasks, ecfg, out / "eval", adapter=adapter)
     paths = write_report(out / "eval")
     print((out / "eval" / "results.md").read_text())

@@ -112,6 +112,30 @@ def test_speckv_generates_like_full_kv_with_a_large_budget(models, prompt):
     np.testing.assert_array_equal(lkv_jax.generate(model, prompt[None], 5, press=press), full)
 
 
+def test_self_drafted_speckv_is_the_response_attention_oracle(models, prompt):
+    # the runner's "speckv:draft_model=self:window_size=1:kernel_size=1:reduction=mean": the target's own
+    # greedy continuation scores the prompt by its mean attention (the label LookaheadKV learns), plus the
+    # last prompt token's query, which produces the first response token
+    from lkv_jax.evaluation.runner import PressSpec, Setting
+
+    hf, model, _, _ = models
+    n, L, budget = len(prompt), 6, 9
+    spec = PressSpec.parse(f"speckv:draft_model=self:window_size=1:kernel_size=1:reduction=mean:n_draft_tokens={L}")
+    press = spec.build(Setting("budget", budget), model=model)
+    assert press.draft_model is model
+    with pytest.raises(ValueError, match="draft_model=self needs the evaluated model"):
+        spec.build(Setting("budget", budget))
+    out = lkv_jax.compress(model, prompt[None], press)
+    with torch.no_grad():
+        response = hf.generate(torch.tensor(prompt)[None], max_new_tokens=L, do_sample=False)[0, n:].numpy()
+    att = eager_attentions(hf, np.concatenate([prompt, response]))
+    for layer, a in enumerate(att):
+        ref = a[:, n - 1:, : n - 1].mean(1).reshape(N_KV, G, n - 1).mean(1)  # [K, n - 1]
+        top = np.sort(np.argsort(-ref, axis=-1)[:, : budget - 1], axis=-1)  # + the protected last token
+        expect = np.concatenate([top, np.full((N_KV, 1), n - 1)], axis=-1)
+        np.testing.assert_array_equal(np.asarray(out.kept_positions[layer][0]), expect)
+
+
 def test_draft_errors(models, tmp_path, prompt):
     _, model, _, _ = models
     other = lkv_jax.load_hf(save_hf_model(build_hf_model("llama", vocab_size=96, num_hidden_layers=1), tmp_path / "d"))
