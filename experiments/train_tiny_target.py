@@ -32,9 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/tiny_target", help="checkpoints and metrics (resumable)")
     p.add_argument("--seed", type=int, default=0, help="seeds the initialisation and the training data")
     p.add_argument("--curriculum", default=DEFAULT_CURRICULUM,
-                   help="comma-separated length:steps:lr:batch[:symbols[:copy[:haystack]]] stages; symbols = "
-                        "alphabet size of the data (0: all), copy = fraction of pure copy sequences, haystack = "
-                        "fraction of benchmark-shaped haystacks with the questions at the end (default %(default)s)")
+                   help="comma-separated length:steps:lr:batch[:symbols[:copy[:haystack[:distinct]]]] stages; "
+                        "symbols = alphabet size of the data (0: all), copy = fraction of pure copy sequences, "
+                        "haystack = fraction of benchmark-shaped haystacks with the questions at the end, distinct = "
+                        "fraction of those whose value words occur in one record each (default %(default)s)")
     p.add_argument("--warmup", type=int, default=100, help="linear warmup steps at the start")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
@@ -73,7 +74,8 @@ def main(argv=None) -> int:
     def batches(step, stage):
         # the data of a step depends only on (seed, step): a resumed run sees what the first run would have
         return training_batch(np.random.default_rng([args.seed, step]), stage.batch, stage.length, vocab,
-                              symbols=stage.symbols, p_copy=stage.copy, p_haystack=stage.haystack)
+                              symbols=stage.symbols, p_copy=stage.copy, p_haystack=stage.haystack,
+                              p_distinct=stage.distinct)
 
     def stage_end(stage, tr):
         # held-out stream at the stage's length with the full alphabet

@@ -98,25 +98,28 @@ class Stage:
     symbols: int | None = None  # alphabet size of the training data (None or 0: all), see training_stream
     copy: float = 0.0  # fraction of pure copy sequences
     haystack: float = 0.0  # fraction (of the rest) of benchmark-shaped haystacks with questions at the end
+    distinct: float = 0.0  # fraction of those haystacks whose value words occur in one record each
 
 
 def parse_curriculum(text: str) -> tuple[Stage, ...]:
-    """`"128:600:3e-3:32:16:0.8,256:600:2e-3:16"` -> stages (length:steps:lr:batch[:symbols[:copy[:haystack]]],
-    comma separated; symbols 0 = the whole alphabet)."""
+    """`"128:600:3e-3:32:16:0.8,256:600:2e-3:16"` -> stages
+    (length:steps:lr:batch[:symbols[:copy[:haystack[:distinct]]]], comma separated; symbols 0 = the whole
+    alphabet)."""
     stages = []
     for part in text.split(","):
         try:
             fields = part.split(":")
-            if len(fields) not in (4, 5, 6, 7):
+            if len(fields) not in (4, 5, 6, 7, 8):
                 raise ValueError(part)
             symbols = int(fields[4]) if len(fields) >= 5 and int(fields[4]) > 0 else None
             copy = float(fields[5]) if len(fields) >= 6 else 0.0
-            haystack = float(fields[6]) if len(fields) == 7 else 0.0
+            haystack = float(fields[6]) if len(fields) >= 7 else 0.0
+            distinct = float(fields[7]) if len(fields) == 8 else 0.0
             stages.append(Stage(int(fields[0]), int(fields[1]), float(fields[2]), int(fields[3]), symbols, copy,
-                                haystack))
+                                haystack, distinct))
         except ValueError as e:
             raise ValueError(f"bad curriculum stage {part!r}; expected "
-                             "length:steps:lr:batch[:symbols[:copy[:haystack]]]") from e
+                             "length:steps:lr:batch[:symbols[:copy[:haystack[:distinct]]]]") from e
     if not stages:
         raise ValueError("empty curriculum")
     return tuple(stages)

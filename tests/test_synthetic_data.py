@@ -258,6 +258,34 @@ def test_haystack_sequences_ask_about_records_hidden_in_filler():
     assert n_questions > 40
 
 
+def test_distinct_haystacks_use_each_value_word_once_and_answer_right():
+    v = builtin_vocab()
+    repeated = 0
+    for seed in range(10):
+        for p_distinct in (0.0, 1.0):
+            ids, w = training_sequence(np.random.default_rng(seed), 768, v, p_frequent_words=0.0, p_haystack=1.0,
+                                       p_distinct=p_distinct)
+            words = v.decode(ids, skip_special=False).split()
+            first_q = words.index("?")
+            counts = Counter(x for x in words[:first_q] if x in VALUES)
+            if p_distinct:
+                assert max(counts.values()) == 1  # no value word in two records (or twice in one)
+            else:
+                repeated += max(counts.values()) > 1
+            for i in [j for j, x in enumerate(words) if x == "?"]:
+                if ":" not in words[i:]:
+                    break
+                colon = words.index(":", i)
+                end = words.index("<eos>", colon) if "<eos>" in words[colon:] else len(words)
+                truth = solve(words[:first_q], " ".join(words[i:colon + 1])).split()
+                assert words[colon + 1:end] == (truth if end < len(words) else truth[:end - colon - 1])
+    assert repeated >= 5  # without the option, repeats are the rule: the test can tell the difference
+    # p_distinct=0 leaves the stream exactly as it was before the option existed (shipped runs replay)
+    a = training_sequence(np.random.default_rng(3), 256, v, p_haystack=0.5)
+    b = training_sequence(np.random.default_rng(3), 256, v, p_haystack=0.5, p_distinct=0.0)
+    np.testing.assert_array_equal(a[0], b[0])
+
+
 def test_training_stream_small_alphabet():
     v = builtin_vocab()
     allowed = set(VALUES[:8]) | set(NAMES[:8])

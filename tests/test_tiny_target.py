@@ -51,7 +51,9 @@ def test_curriculum_and_learning_rate_by_hand():
     assert learning_rate(stages, 29, warmup=4)[1] == pytest.approx(5e-4 * (1 - 0.5 * 3 / 4))
     assert learning_rate(stages, 99, warmup=4)[1] == pytest.approx(5e-4 * (1 - 0.5 * 3 / 4))  # past the end
     assert parse_curriculum("64:1:1e-3:2:0:0.1:0.5")[0].haystack == 0.5
-    for bad in ("128:10", "128:10:1e-3:4:16:1:1:1", "a:10:1e-3:4"):
+    assert parse_curriculum("64:1:1e-3:2:0:0:0.5:0.8")[0].distinct == 0.8
+    assert parse_curriculum("64:1:1e-3:2:0:0:0.5")[0].distinct == 0.0
+    for bad in ("128:10", "128:10:1e-3:4:16:1:1:1:1", "a:10:1e-3:4"):
         with pytest.raises(ValueError, match="length:steps:lr:batch"):
             parse_curriculum(bad)
 
