@@ -9,7 +9,7 @@ to --workdir every --checkpoint-every steps; rerunning the same command continue
 the end the script measures full-KV accuracy per task with `lkv_jax.generate` and writes a Hugging Face
 directory (config.json, model.safetensors, tokenizer.json, README.md model card, accuracy.json) to --out.
 
-    python experiments/train_tiny_target.py                      # the shipped model (~1 h on 2 CPU cores)
+    python experiments/train_tiny_target.py                      # the shipped model (~3.5 h on 2 CPU cores)
     python experiments/train_tiny_target.py --curriculum 128:50:3e-3:8 --out /tmp/tt --workdir /tmp/ttw
 """
 
