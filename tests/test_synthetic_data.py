@@ -243,19 +243,28 @@ def test_haystack_sequences_ask_about_records_hidden_in_filler():
         first_q = words.index("?")
         assert first_q >= 0.6 * 512 and w[:first_q].sum() == 0  # context first, nothing supervised in it
         assert sum(x in FILLER for x in words[:first_q]) > 0.4 * first_q  # a haystack, not a record list
-        expected = np.zeros_like(w)
-        for i in [j for j, x in enumerate(words) if x == "?"]:
-            if ":" not in words[i:]:
-                break
-            colon = words.index(":", i)
-            end = words.index("<eos>", colon) if "<eos>" in words[colon:] else len(words)
-            truth = solve(words[:first_q], " ".join(words[i:colon + 1])).split()
-            answer = words[colon + 1:end]
-            assert answer == (truth if end < len(words) else truth[:len(answer)])
-            expected[colon + 1:end + 1] = 1.0
-            n_questions += 1
+        expected, n = _check_haystack_answers(words, first_q)
         np.testing.assert_array_equal(w, expected)
+        n_questions += n
     assert n_questions > 40
+
+
+def _check_haystack_answers(words: list[str], first_q: int) -> tuple[np.ndarray, int]:
+    """Assert that every answer after the context (words[:first_q]) is the solver's (a prefix of it where
+    the sequence ends); return the loss weights the answers should carry and the number of questions."""
+    expected = np.zeros(len(words), np.float32)
+    n_questions = 0
+    for i in [j for j, x in enumerate(words) if x == "?"]:
+        if ":" not in words[i:]:
+            break
+        colon = words.index(":", i)
+        end = words.index("<eos>", colon) if "<eos>" in words[colon:] else len(words)
+        truth = solve(words[:first_q], " ".join(words[i:colon + 1])).split()
+        answer = words[colon + 1:end]
+        assert answer == (truth if end < len(words) else truth[:len(answer)])
+        expected[colon + 1:end + 1] = 1.0
+        n_questions += 1
+    return expected, n_questions
 
 
 def test_distinct_haystacks_use_each_value_word_once_and_answer_right():
@@ -272,15 +281,11 @@ def test_distinct_haystacks_use_each_value_word_once_and_answer_right():
                 assert max(counts.values()) == 1  # no value word in two records (or twice in one)
             else:
                 repeated += max(counts.values()) > 1
-            for i in [j for j, x in enumerate(words) if x == "?"]:
-                if ":" not in words[i:]:
-                    break
-                colon = words.index(":", i)
-                end = words.index("<eos>", colon) if "<eos>" in words[colon:] else len(words)
-                truth = solve(words[:first_q], " ".join(words[i:colon + 1])).split()
-                assert words[colon + 1:end] == (truth if end < len(words) else truth[:end - colon - 1])
+            expected, _ = _check_haystack_answers(words, first_q)
+            np.testing.assert_array_equal(w, expected)
     assert repeated >= 5  # without the option, repeats are the rule: the test can tell the difference
-    # p_distinct=0 leaves the stream exactly as it was before the option existed (shipped runs replay)
+    # the option is off by default (that p_distinct=0 draws what the stream drew before the option existed,
+    # so shipped curricula replay, was checked once against the previous implementation, not here)
     a = training_sequence(np.random.default_rng(3), 256, v, p_haystack=0.5)
     b = training_sequence(np.random.default_rng(3), 256, v, p_haystack=0.5, p_distinct=0.0)
     np.testing.assert_array_equal(a[0], b[0])
