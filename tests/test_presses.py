@@ -303,7 +303,14 @@ def test_cache_length_top_scores_and_protection(models, prompts, make):
                     continue
                 free = n_kept - prot.sum()
                 order = np.argsort(-np.where(prot, -np.inf, s[h]), kind="stable")[:free]
-                assert set(kept[~prot[kept]]) == set(order)
+                chosen = kept[~prot[kept]]
+                assert len(chosen) == free
+                # Compare the kept scores with the top scores rather than the positions: equal
+                # scores (Knorm on a repeated token: RoPE keeps the norm) may break either way
+                # depending on the CPU's float rounding.
+                np.testing.assert_allclose(
+                    np.sort(s[h][chosen]), np.sort(s[h][order]), rtol=1e-5, atol=1e-6
+                )
 
 
 @pytest.mark.parametrize("make", [SCORERS[0], SCORERS[3], SCORERS[4]])
