@@ -113,7 +113,7 @@ def test_speckv_generates_like_full_kv_with_a_large_budget(models, prompt):
 
 
 def test_self_drafted_speckv_is_the_response_attention_oracle(models, prompt):
-    # the runner's "speckv:draft_model=self:window_size=1:kernel_size=1:reduction=mean": the target's own
+    # "speckv:draft_model=self:window_size=1:kernel_size=1:reduction=mean" (runner and SpecKVPress): the target's own
     # greedy continuation scores the prompt by its mean attention (the label LookaheadKV learns), plus the
     # last prompt token's query, which produces the first response token
     from lkv_jax.evaluation.runner import PressSpec, Setting
@@ -121,10 +121,9 @@ def test_self_drafted_speckv_is_the_response_attention_oracle(models, prompt):
     hf, model, _, _ = models
     n, L, budget = len(prompt), 6, 9
     spec = PressSpec.parse(f"speckv:draft_model=self:window_size=1:kernel_size=1:reduction=mean:n_draft_tokens={L}")
-    press = spec.build(Setting("budget", budget), model=model)
-    assert press.draft_model is model
-    with pytest.raises(ValueError, match="draft_model=self needs the evaluated model"):
-        spec.build(Setting("budget", budget))
+    press = spec.build(Setting("budget", budget))
+    assert press == SpecKVPress("self", budget=budget, window_size=1, kernel_size=1, reduction="mean",
+                                n_draft_tokens=L)
     out = lkv_jax.compress(model, prompt[None], press)
     with torch.no_grad():
         response = hf.generate(torch.tensor(prompt)[None], max_new_tokens=L, do_sample=False)[0, n:].numpy()
@@ -143,5 +142,7 @@ def test_draft_errors(models, tmp_path, prompt):
         lkv_jax.compress(model, prompt[None], SpecKVPress(other, budget=40))
     with pytest.raises(TypeError, match="draft model"):
         SpecKVPress(budget=40)
+    with pytest.raises(TypeError, match="draft model"):
+        SpecKVPress("other", budget=40)
     with pytest.raises(ValueError, match="protected"):
         LAQPress(budget=8)  # below the 32-token window

@@ -50,8 +50,8 @@ class PressSpec:
 
     Written "name" or "name:key=value:key=value", e.g. "snapkv:window_size=8" (values are Python
     literals: numbers, True/False/None, quoted strings; anything else is taken as a string).
-    "draft_model=self" makes the evaluated model its own draft (SpecKV): its full-cache greedy response
-    then scores the prompt, the response-attention oracle that LookaheadKV learns to predict."""
+    "speckv:draft_model=self" makes the evaluated model its own draft (see `SpecKVPress`): its full-cache
+    greedy response then scores the prompt, the response-attention oracle that LookaheadKV learns."""
 
     name: str
     kwargs: tuple[tuple[str, Any], ...] = ()
@@ -78,15 +78,11 @@ class PressSpec:
     def needs_adapter(self) -> bool:
         return self.name.replace("_", "").replace("-", "") == "lookaheadkv"
 
-    def build(self, setting: Setting, adapter=None, model=None):
-        """The press at one budget or ratio (LookaheadKV gets the adapter; "draft_model=self" the model)."""
+    def build(self, setting: Setting, adapter=None):
+        """The press at one budget or ratio (LookaheadKV gets the adapter)."""
         from lkv_jax.presses.registry import make_press
 
         kw = dict(self.kwargs)
-        if kw.get("draft_model") == "self":
-            if model is None:
-                raise ValueError(f"press {self.label or self.name}: draft_model=self needs the evaluated model")
-            kw["draft_model"] = model
         if self.needs_adapter:
             if adapter is None:
                 raise ValueError("the lookaheadkv press needs an adapter (--adapter FILE)")
@@ -427,7 +423,7 @@ def run_cell(model, task: EvalTask, press_spec: PressSpec | None, setting: Setti
         if progress is not None:
             progress.update(len(task.samples))
         return done
-    press = None if press_spec is None else press_spec.build(setting, adapter, model)
+    press = None if press_spec is None else press_spec.build(setting, adapter)
     cfg_model = model.config
     eos = task.eos_token_ids if task.eos_token_ids is not None else tuple(cfg_model.eos_token_id or ())
     eos = tuple(int(e) for e in eos)
@@ -484,7 +480,7 @@ def run_eval(model, tasks: list[EvalTask], cfg: EvalConfig, out_dir, *, adapter=
             for spec in cfg.presses:
                 for setting in cfg.settings:
                     try:
-                        spec.build(setting, adapter, model)
+                        spec.build(setting, adapter)
                     except ValueError as e:
                         if "adapter" in str(e) or "unknown press" in str(e):
                             raise
