@@ -2,14 +2,14 @@
 
 A small Llama-architecture model (default: hidden 128, 4 layers, 4 query / 2 KV heads, ~0.9M parameters)
 learns associative recall from densely supervised sequences (`lkv_jax.data.training_stream`): first plain
-copies on a 16-word alphabet (induction heads form there), then the whole task grammar with the alphabet
-widened, through a length curriculum 128 -> 256 -> 512 -> 1024 with the learning rate lowered at each
-step up. Checkpoints go
-to --workdir every --checkpoint-every steps; rerunning the same command continues from the last one. At
-the end the script measures full-KV accuracy per task with `lkv_jax.generate` and writes a Hugging Face
-directory (config.json, model.safetensors, tokenizer.json, README.md model card, accuracy.json) to --out.
+copies on a 16-word alphabet (induction heads form there), then plain copies of the whole alphabet, then
+the whole task grammar through a length curriculum 128 -> 256 -> 512 -> 1024, 1,024-token haystacks
+alternating with short copy stages as the learning rate falls. Checkpoints go to --workdir every
+--checkpoint-every steps; rerunning the same command continues from the last one. At the end the script
+measures full-KV accuracy per task with `lkv_jax.generate` and writes a Hugging Face directory
+(config.json, model.safetensors, tokenizer.json, README.md model card, accuracy.json) to --out.
 
-    python experiments/train_tiny_target.py                      # the shipped model (~3.5 h on 2 CPU cores)
+    python experiments/train_tiny_target.py                      # the shipped model (~1.4 h on 2 CPU cores)
     python experiments/train_tiny_target.py --curriculum 128:50:3e-3:8 --out /tmp/tt --workdir /tmp/ttw
 """
 
