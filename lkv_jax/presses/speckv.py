@@ -9,13 +9,15 @@ then a kernel-7 max-pool; the window is kept. In our design this is one glimpse:
 minus its window, then glimpse [window; draft] appended to the cache (the draft's own slots sit after
 the prompt and are never selected). Draft tokens after the draft's EOS do not score.
 
-The draft must share the target's vocabulary (an error otherwise). `draft_model="self"` drafts with the
-compressed model itself: with `window_size=1, kernel_size=1, reduction="mean"` the prompt is then scored
-by the attention of the model's own full-cache greedy answer, the response-attention oracle that
-LookaheadKV learns to predict (not a practical press: it generates the answer twice). The draft runs greedily through
+The draft must share the target's vocabulary (an error otherwise). The draft runs greedily through
 `lkv_jax.generate`, so `compress` is not one jittable function: the draft is not a pytree field; the
 scoring that follows is (`DraftScoredPress`, the draft tokens as array leaves). The number of draft
 tokens is not fixed by the LookaheadKV paper; 32 is our choice (a config field).
+
+`draft_model="self"` drafts with the compressed model itself: with `window_size=1, kernel_size=1,
+reduction="mean"` the prompt is then scored by the attention of the model's own full-cache greedy answer,
+the response-attention oracle that LookaheadKV learns to predict (a reference, not a practical press: the
+answer is generated twice).
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ class SpecKVPress(BasePress):
         self.__post_init__()
 
     def __post_init__(self):
-        if not (self.draft_model == "self" or hasattr(self.draft_model, "config")):
+        if not (isinstance(self.draft_model, str) and self.draft_model == "self"
+                or hasattr(self.draft_model, "config")):
             raise TypeError('SpecKVPress needs a draft model (a lkv_jax Transformer, or "self" for the '
                             "compressed model itself)")
         if self.n_draft_tokens < 1 or self.window_size < 1:
