@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     ecfg = EvalConfig(presses=tuple(PressSpec.parse(p) for p in presses) + (oracle,), budgets=size.budgets,
                       batch_size=4, timing_repeats=2, timing_batches=1)
     run_eval(model, tasks, ecfg, out / "eval", adapter=adapter)
-    paths = write_report(out / "eval")
+    paths = write_report(out / "eval", reference="lookaheadkv")
     print((out / "eval" / "results.md").read_text())
     print(f"[demo] done in {time.perf_counter() - t0:.0f}s; plots: {', '.join(str(p) for p in paths.values())}")
     return 0

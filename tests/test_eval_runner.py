@@ -109,6 +109,20 @@ def test_runner_end_to_end_writes_cells_table_plots_and_resumes(tiny, tmp_path, 
     assert "## Score: toy" in table and "## Eviction overhead" in table
     for key in ("scores_plot", "overhead_plot"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # with a reference press: intervals of every row, and paired differences equal to the score differences
+    paths = write_report(tmp_path, reference="keepfirst")
+    summary = json.loads(paths["summary"].read_text())
+    assert "95% bootstrap interval" in paths["table"].read_text()
+    score = {(c["press"], c["budget"]): c["score"] for c in cells}
+    for b in (8, 16):
+        d = summary["paired_difference"]["streamingllm:n_sink=2"][str(b)]
+        assert d["mean"] == pytest.approx(score[("keepfirst", b)] - score[("streamingllm:n_sink=2", b)])
+        assert d["lo"] <= d["mean"] <= d["hi"]
+        i = summary["score_interval"]["keepfirst"][str(b)]
+        assert i["mean"] == pytest.approx(score[("keepfirst", b)]) and i["lo"] <= i["mean"] <= i["hi"]
+    assert summary["paired_difference"]["reference"] == "keepfirst"
+    with pytest.raises(ValueError, match="reference press 'tova' is not in this run"):
+        write_report(tmp_path, reference="tova")
 
     # resume: a second call finds every cell complete and runs no batch at all
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "cells").rglob("*.json")}
@@ -182,7 +196,7 @@ def test_config_and_press_spec_errors():
     assert runner_mod.adapter_fingerprint(a) != runner_mod.adapter_fingerprint(b)
 
 
-def test_cli_synthetic_and_longbench(tmp_path):
+def test_cli_synthetic_and_longbench(tmp_path, capsys):
     from lkv_jax.cli import main
     from lkv_jax.data.vocab import builtin_vocab
 
@@ -201,9 +215,15 @@ def test_cli_synthetic_and_longbench(tmp_path):
     rc = main(["eval", "--model", model_dir, "--presses", "streamingllm", "--ratios", "0.5", "--tasks",
                "niah_single,longbench/hotpotqa", "--lengths", "48", "--n-samples", "2", "--batch-size", "2",
                "--longbench-dir", str(lb), "--max-length", "200", "--out", str(out), "--no-progress",
-               "--no-overhead"])
+               "--no-overhead", "--reference", "streamingllm"])
     assert rc == 0
     table = (out / "results.md").read_text()
+    assert "## streamingllm minus each press" in table and "| fullkv |" in table.split("minus each press")[1]
+    capsys.readouterr()
+    assert main(["eval", "--model", model_dir, "--presses", "streamingllm", "--ratios", "0.5", "--tasks",
+                 "niah_single", "--out", str(tmp_path / "run2"), "--reference", "snapkv"]) == 2
+    assert "--reference 'snapkv' must be one of --presses" in capsys.readouterr().err
+    assert not (tmp_path / "run2").exists()  # refused before any work
     assert "## Score: niah_single-48" in table and "## Score: longbench/hotpotqa" in table
     assert "| press | ratio 0.5 |" in table
     js = json.loads((out / "cells/streamingllm/ratio=0.5/longbench_hotpotqa.json").read_text())

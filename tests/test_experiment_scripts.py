@@ -29,10 +29,10 @@ def test_ablation_table_and_plot(tmp_path):
         {"variant": "n=1", "adapter_params": 1234, "score@32": 10.0, "score@64": 20.0, "overhead_pct@32": 1.5,
          "overhead_pct@64": None},
         {"variant": "n=2", "adapter_params": 2345, "score@32": None, "score@64": 25.5, "overhead_pct@32": -0.5,
-         "overhead_pct@64": 2.0}]}
+         "overhead_pct@64": 2.0, "score_interval@64": [20.25, 30.0]}]}
     table = summary_table(result).splitlines()
     assert table[0] == "| variant | adapter params | score@32 | score@64 | overhead %@32 | overhead %@64 |"
     assert table[2] == "| n=1 | 1,234 | 10.0 | 20.0 | +1.5 | - |"
-    assert table[3] == "| n=2 | 2,345 | - | 25.5 | -0.5 | +2.0 |"
+    assert table[3] == "| n=2 | 2,345 | - | 25.5 [20.2, 30.0] | -0.5 | +2.0 |"
     path = plot_ablation(result, tmp_path / "a.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -71,6 +71,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-length", type=int, default=31500, help="LongBench: middle-truncate prompts to this")
     p.add_argument("--chat-template", action="store_true",
                    help="apply the tokenizer's chat template (LongBench; synthetic tasks with a HF tokenizer)")
+    p.add_argument("--reference", default=None,
+                   help="a press spec of --presses to compare every other press with on the same samples "
+                        "(paired bootstrap interval of the score difference in results.md and summary.json)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -132,6 +135,8 @@ def run(args) -> int:
                      batch_size=args.batch_size, chunk_size=args.chunk_size, pad_multiple=args.pad_multiple,
                      oracle=not args.no_oracle, measure_overhead=not args.no_overhead,
                      timing_repeats=args.timing_repeats, timing_batches=args.timing_batches)
+    if args.reference is not None and args.reference not in [p.label for p in cfg.presses]:
+        raise ValueError(f"--reference {args.reference!r} must be one of --presses {list(args.presses)}")
     model = lkv_jax.load(args.model, dtype=args.dtype)  # Hugging Face or converted (orbax) directory
     adapter = None
     if args.adapter:
@@ -140,7 +145,7 @@ def run(args) -> int:
         adapter = load_adapter(args.adapter, model.config)
     tasks = build_tasks(args)
     run_eval(model, tasks, cfg, args.out, adapter=adapter, progress=not args.no_progress)
-    paths = write_report(args.out)
+    paths = write_report(args.out, reference=args.reference)
     print(paths["table"].read_text())
     for key, path in paths.items():
         print(f"{key}: {path}")

@@ -19,6 +19,7 @@ def run_ablation(model, labels_dir, variants: dict[str, dict], tasks, *, base_tr
     """
     from lkv_jax.evaluation.report import load_cells
     from lkv_jax.evaluation.runner import EvalConfig, PressSpec, run_eval
+    from lkv_jax.evaluation.uncertainty import score_interval
     from lkv_jax.lookahead.training import TrainConfig, train
 
     out = Path(out_dir).absolute()
@@ -36,6 +37,9 @@ def run_ablation(model, labels_dir, variants: dict[str, dict], tasks, *, base_tr
         for b in budgets:
             at_b = [c for c in cells if c["budget"] == b]
             row[f"score@{b}"] = float(np.mean([c["score"] for c in at_b])) if at_b else None
+            if at_b:  # 95% bootstrap interval over the samples (resampled within each task)
+                i = score_interval({c["task"]: list(c["sample_scores"].values()) for c in at_b})
+                row[f"score_interval@{b}"] = [i["lo"], i["hi"]]
             pct = [c["timing"].get("overhead_pct") for c in at_b if c["timing"].get("overhead_pct") is not None]
             row[f"overhead_pct@{b}"] = float(np.mean(pct)) if pct else None
         rows.append(row)
@@ -65,6 +69,8 @@ def plot_ablation(result: dict, path) -> Path:
     for bud in result["budgets"]:
         a.plot(x, [r[f"score@{bud}"] if r[f"score@{bud}"] is not None else np.nan for r in result["rows"]], "o-",
                label=f"budget {bud}")
+        band = [r.get(f"score_interval@{bud}") or [np.nan, np.nan] for r in result["rows"]]
+        a.fill_between(x, [lo for lo, _ in band], [hi for _, hi in band], alpha=0.15)
         b.plot(x, [r[f"overhead_pct@{bud}"] if r[f"overhead_pct@{bud}"] is not None else np.nan
                    for r in result["rows"]], "o-", label=f"budget {bud}")
     for ax, ylabel in ((a, "score (mean over tasks)"), (b, "eviction overhead, % of prefill")):
@@ -80,14 +86,21 @@ def plot_ablation(result: dict, path) -> Path:
     return path
 
 
+def _score_cell(row: dict, budget: int) -> str:
+    score, interval = row[f"score@{budget}"], row.get(f"score_interval@{budget}")
+    if score is None:
+        return "-"
+    return f"{score:.1f}" + ("" if interval is None else f" [{interval[0]:.1f}, {interval[1]:.1f}]")
+
+
 def summary_table(result: dict) -> str:
-    """The ablation as a markdown table."""
+    """The ablation as a markdown table (scores with their 95% bootstrap interval where the row has one)."""
     head = ["variant", "adapter params"] + [f"score@{b}" for b in result["budgets"]] + \
         [f"overhead %@{b}" for b in result["budgets"]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         cells = [r["variant"], f"{r['adapter_params']:,}"]
-        cells += ["-" if r[f"score@{b}"] is None else f"{r[f'score@{b}']:.1f}" for b in result["budgets"]]
+        cells += [_score_cell(r, b) for b in result["budgets"]]
         cells += ["-" if r[f"overhead_pct@{b}"] is None else f"{r[f'overhead_pct@{b}']:+.1f}"
                   for b in result["budgets"]]
         lines.append("| " + " | ".join(cells) + " |")

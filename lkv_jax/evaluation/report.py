@@ -6,6 +6,9 @@
     overhead.png        eviction overhead per press (ms per batch above a plain prefill) against budget
     oracle.png          oracle coverage against budget per press, and per layer at the smallest budget
     summary.json        the numbers of the tables
+
+The average scores come with 95% bootstrap intervals over the samples, and with a `reference` press each
+press's paired difference from it (`lkv_jax.evaluation.uncertainty`).
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from lkv_jax.evaluation.runner import FULL_KV
+from lkv_jax.evaluation.uncertainty import paired_difference, score_interval
 
 
 def load_cells(out_dir, *, only_last_run: bool = True) -> list[dict]:
-    """The complete cell JSONs under out_dir/cells (per-sample records dropped). With only_last_run,
+    """The complete cell JSONs under out_dir/cells, per-sample records reduced to `sample_scores`
+    ({sample id: score in [0, 1]}). With only_last_run,
     and when out_dir/run.json exists, only the cells of the last run's grid (tasks, presses, settings):
     cells left by earlier runs into the same folder stay on disk but out of the tables."""
     grid = None
@@ -39,7 +44,7 @@ def load_cells(out_dir, *, only_last_run: bool = True) -> list[dict]:
                 cell["press"] != FULL_KV and (cell["press"] not in grid["presses"]
                                               or cell["setting"] not in grid["settings"]))):
             continue
-        cell.pop("samples", None)
+        cell["sample_scores"] = {r["id"]: float(r["score"]) for r in cell.pop("samples", [])}
         cells.append(cell)
     if not cells:
         raise FileNotFoundError(f"no complete cell under {Path(out_dir) / 'cells'}; run the evaluation first")
@@ -96,6 +101,15 @@ def _fmt(v, digits=1) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _fmt_interval(v: dict | None, signed: bool = False) -> str:
+    """"mean [lo, hi]", signed with the share of replicates above zero for a difference."""
+    if v is None:
+        return "-"
+    f = "+.1f" if signed else ".1f"
+    text = f"{v['mean']:{f}} [{v['lo']:{f}}, {v['hi']:{f}}]"
+    return text + (f" ({100 * v['p_better']:.0f}%)" if signed else "")
+
+
 def _md(rows: list[list[str]], header: list[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -106,8 +120,45 @@ def _x_label(grid, x) -> str:
     return "full" if x is None else (f"{int(x)}" if grid["kind"] == "budget" else f"{x:g}")
 
 
-def markdown_report(cells: list[dict]) -> tuple[str, dict]:
-    """The results tables as markdown, and the same numbers as a dict."""
+def _task_scores(grid, press, x) -> dict | None:
+    """{task: {sample id: score}} of one press and setting, None unless every task has its samples."""
+    out = {}
+    for task in grid["tasks"]:
+        c = _get(grid, task, press, x)
+        if c is None or not c.get("sample_scores"):
+            return None
+        out[task] = c["sample_scores"]
+    return out
+
+
+def interval_tables(grid, reference: str | None = None) -> tuple[dict, dict]:
+    """({press: {x: score_interval}}, {press: {x: paired_difference(reference - press)}}) of the average
+    over tasks; the second is empty without a reference. FullKV's x is None in both."""
+    xs = grid["xs"] or [None]
+    intervals: dict[str, dict] = {}
+    for press in [FULL_KV, *grid["presses"]]:
+        for x in [None] if press == FULL_KV else xs:
+            per_task = _task_scores(grid, press, x)
+            if per_task is not None:
+                intervals.setdefault(press, {})[x] = score_interval({t: list(v.values()) for t, v in per_task.items()})
+    diffs: dict[str, dict] = {}
+    if reference is not None:
+        if reference not in grid["presses"]:
+            raise ValueError(f"reference press {reference!r} is not in this run: {grid['presses']}")
+        for press in [FULL_KV, *grid["presses"]]:
+            if press == reference:
+                continue
+            for x in xs:
+                ref = _task_scores(grid, reference, x)
+                other = _task_scores(grid, press, None if press == FULL_KV else x)
+                if ref is not None and other is not None:
+                    diffs.setdefault(press, {})[x] = paired_difference(ref, other)
+    return intervals, diffs
+
+
+def markdown_report(cells: list[dict], reference: str | None = None) -> tuple[str, dict]:
+    """The results tables as markdown, and the same numbers as a dict. reference: a press of the run
+    whose paired score difference from every other press (and FullKV) gets its own table."""
     grid = _grid(cells)
     xs = grid["xs"] or [None]
     head = ["press"] + [f"{grid['kind']} {_x_label(grid, x)}" for x in xs]
@@ -119,6 +170,16 @@ def markdown_report(cells: list[dict]) -> tuple[str, dict]:
                 for press in [FULL_KV, *grid["presses"]] if press in scores[task]]
         if rows:
             parts += [f"## Score: {task}", "", _md(rows, head), ""]
+    intervals, diffs = interval_tables(grid, reference)
+    if intervals:
+        rows = [[press] + [_fmt_interval(intervals[press].get(None if press == FULL_KV else x)) for x in xs]
+                for press in intervals]
+        parts += ["## Average score with a 95% bootstrap interval (samples resampled within each task)", "",
+                  _md(rows, head), ""]
+    if diffs:
+        rows = [[press] + [_fmt_interval(diffs[press].get(x), signed=True) for x in xs] for press in diffs]
+        parts += [f"## {reference} minus each press: average score difference on the same samples, 95% paired "
+                  f"bootstrap interval (share of replicates where {reference} is higher)", "", _md(rows, head), ""]
     overhead, oracle, evidence = {}, {}, {}
     rows_o, rows_c, rows_e = [], [], []
     for press in grid["presses"]:
@@ -150,7 +211,10 @@ def markdown_report(cells: list[dict]) -> tuple[str, dict]:
         parts += ["## Evidence recall: share of the answer records' tokens kept by the best KV head "
                   "(mean over layers, samples, tasks)", "", _md(rows_e, head), ""]
     numbers = {"kind": grid["kind"], "scores": _str_keys(scores), "overhead_ms": _str_keys(overhead),
-               "oracle_coverage": _str_keys(oracle), "evidence_recall": _str_keys(evidence)}
+               "oracle_coverage": _str_keys(oracle), "evidence_recall": _str_keys(evidence),
+               "score_interval": _str_keys(intervals)}
+    if reference is not None:
+        numbers["paired_difference"] = {"reference": reference, **_str_keys(diffs)}
     return "\n".join(parts), numbers
 
 
@@ -272,11 +336,12 @@ def plot_oracle(cells: list[dict], path) -> Path | None:
     return Path(path)
 
 
-def write_report(out_dir) -> dict[str, Path]:
-    """Write results.md, summary.json and the PNG plots into out_dir; returns their paths."""
+def write_report(out_dir, reference: str | None = None) -> dict[str, Path]:
+    """Write results.md, summary.json and the PNG plots into out_dir; returns their paths. reference: a
+    press of the run to compare every other one with on the same samples (see `markdown_report`)."""
     out_dir = Path(out_dir)
     cells = load_cells(out_dir)
-    text, numbers = markdown_report(cells)
+    text, numbers = markdown_report(cells, reference)
     paths = {"table": out_dir / "results.md", "summary": out_dir / "summary.json"}
     paths["table"].write_text(text)
     paths["summary"].write_text(json.dumps(numbers, indent=1) + "\n")

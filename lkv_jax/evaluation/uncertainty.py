@@ -1,0 +1,81 @@
+"""How sure a table's scores are: bootstrap intervals over the evaluation samples.
+
+With a few dozen samples per task one answer moves a task score by several points, so a table of means
+alone invites reading noise as a ranking. Both functions resample the samples *within each task*
+(stratified: every replicate keeps each task's sample count) and average over tasks as the table does:
+
+- `score_interval`: the average score of one press at one setting, with a percentile interval;
+- `paired_difference`: press A minus press B on the same samples (the pairing removes the variance of
+  how hard each sample is), with a percentile interval and the share of replicates where A > B.
+
+Inputs are per-task lists of per-sample scores in [0, 1] (what the evaluation cells store); outputs are on
+the table's 0-100 scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+
+def _check(per_task: Mapping[str, Sequence[float]]) -> dict[str, np.ndarray]:
+    if not per_task:
+        raise ValueError("no task to average over")
+    out = {}
+    for task, scores in per_task.items():
+        a = np.asarray(scores, np.float64)
+        if a.ndim != 1 or a.size == 0:
+            raise ValueError(f"task {task!r}: expected a non-empty list of per-sample scores, got shape {a.shape}")
+        out[task] = a
+    return out
+
+
+def _bootstrap_means(per_task: dict[str, np.ndarray], n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot] averages over tasks of per-task means of resampled samples (x 100)."""
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    rng = np.random.default_rng(seed)
+    total = np.zeros(n_boot)
+    for scores in per_task.values():
+        idx = rng.integers(0, scores.size, size=(n_boot, scores.size))
+        total += scores[idx].mean(axis=1)
+    return 100.0 * total / len(per_task)
+
+
+def score_interval(per_task: Mapping[str, Sequence[float]], *, level: float = 0.95, n_boot: int = 2000,
+                   seed: int = 0) -> dict[str, float]:
+    """Average over tasks of the mean per-sample score, and its bootstrap percentile interval.
+
+    per_task: {task: per-sample scores in [0, 1]}. Returns {"mean", "lo", "hi"} on the 0-100 scale.
+    """
+    data = _check(per_task)
+    boots = _bootstrap_means(data, n_boot, seed)
+    alpha = (1.0 - level) / 2.0
+    return {"mean": 100.0 * float(np.mean([s.mean() for s in data.values()])),
+            "lo": float(np.quantile(boots, alpha)), "hi": float(np.quantile(boots, 1.0 - alpha))}
+
+
+def paired_difference(a: Mapping[str, Mapping[str, float]], b: Mapping[str, Mapping[str, float]], *,
+                      level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Average score of A minus that of B on the same samples, with a paired bootstrap interval.
+
+    a, b: {task: {sample id: score in [0, 1]}}, the same tasks and sample ids in both (an error otherwise:
+    an unpaired comparison would silently mix different samples). Returns {"mean", "lo", "hi", "p_better"}:
+    the difference on the 0-100 scale, its percentile interval, and the share of bootstrap replicates in
+    which A scores above B.
+    """
+    if set(a) != set(b):
+        raise ValueError(f"the two presses were scored on different tasks: {sorted(a)} vs {sorted(b)}")
+    diffs = {}
+    for task in a:
+        if set(a[task]) != set(b[task]):
+            raise ValueError(f"task {task!r}: the two presses were scored on different samples")
+        ids = sorted(a[task])
+        diffs[task] = np.asarray([a[task][i] for i in ids], np.float64) - np.asarray([b[task][i] for i in ids])
+    data = _check(diffs)
+    boots = _bootstrap_means(data, n_boot, seed)
+    alpha = (1.0 - level) / 2.0
+    return {"mean": 100.0 * float(np.mean([d.mean() for d in data.values()])),
+            "lo": float(np.quantile(boots, alpha)), "hi": float(np.quantile(boots, 1.0 - alpha)),
+            "p_better": float(np.mean(boots > 0.0))}
