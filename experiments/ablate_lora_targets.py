@@ -28,7 +28,7 @@ VARIANTS = {
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n-lookahead", type=int, default=16)
+    ap.add_argument("--n-lookahead", type=int, default=32, help="lookahead tokens of every variant (the paper's 32)")
     add_common_arguments(ap, "runs/ablate_lora_targets")
     args = ap.parse_args(argv)
     from lkv_jax.evaluation.ablation import run_ablation, summary_table

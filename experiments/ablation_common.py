@@ -10,9 +10,10 @@ def add_common_arguments(ap: argparse.ArgumentParser, default_out: str) -> None:
     ap.add_argument("--model", default=None, help="model directory (default: the shipped tiny target)")
     ap.add_argument("--labels", default="runs/demo/labels",
                     help="label dataset (`lkv make-labels`; `make demo` writes the default one)")
-    ap.add_argument("--tasks", default="niah_multikey,vt,tag_list", help="synthetic tasks, comma separated")
+    ap.add_argument("--tasks", default="niah_single,niah_multikey,tag_list",
+                    help="synthetic tasks, comma separated (default: the demo's, which the tiny target answers)")
     ap.add_argument("--length", type=int, default=1024, help="synthetic context length")
-    ap.add_argument("--n-samples", type=int, default=8)
+    ap.add_argument("--n-samples", type=int, default=24, help="held-out samples per task (the demo's 24)")
     ap.add_argument("--budgets", default="32,64", help="KV budgets, comma separated")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch-size", type=int, default=4)

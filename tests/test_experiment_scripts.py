@@ -36,3 +36,20 @@ def test_ablation_table_and_plot(tmp_path):
     assert table[3] == "| n=2 | 2,345 | - | 25.5 [20.2, 30.0] | -0.5 | +2.0 |"
     path = plot_ablation(result, tmp_path / "a.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ablation_variants_share_the_first_variants_full_kv_cells(tmp_path):
+    from types import SimpleNamespace
+
+    from lkv_jax.evaluation.ablation import _reuse_full_kv
+    from lkv_jax.evaluation.runner import FULL_KV, cell_path
+
+    tasks = [SimpleNamespace(name="niah_single-1024"), SimpleNamespace(name="tag_list-1024")]
+    src, dst = tmp_path / "n=1" / "eval", tmp_path / "n=2" / "eval"
+    cell_path(src, FULL_KV, "full", tasks[0].name).parent.mkdir(parents=True)
+    cell_path(src, FULL_KV, "full", tasks[0].name).write_text('{"complete": true}')
+    cell_path(dst, FULL_KV, "full", tasks[1].name).parent.mkdir(parents=True)
+    cell_path(dst, FULL_KV, "full", tasks[1].name).write_text('{"own": 1}')
+    _reuse_full_kv(src, dst, tasks)
+    assert cell_path(dst, FULL_KV, "full", tasks[0].name).read_text() == '{"complete": true}'
+    assert cell_path(dst, FULL_KV, "full", tasks[1].name).read_text() == '{"own": 1}'  # its own cell kept

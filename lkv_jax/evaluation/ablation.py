@@ -23,6 +23,7 @@ def run_ablation(model, labels_dir, variants: dict[str, dict], tasks, *, base_tr
     from lkv_jax.lookahead.training import TrainConfig, train
 
     out = Path(out_dir).absolute()
+    first = next(iter(variants), None)
     rows = []
     for name, overrides in variants.items():
         cfg = TrainConfig(**{**base_train, **overrides, "data_dir": str(labels_dir),
@@ -30,6 +31,7 @@ def run_ablation(model, labels_dir, variants: dict[str, dict], tasks, *, base_tr
         adapter = train(cfg, model=model, progress=progress)
         ecfg = EvalConfig(presses=(PressSpec.parse("lookaheadkv"),), budgets=tuple(budgets), oracle=False,
                           timing_repeats=2, timing_batches=1)
+        _reuse_full_kv(out / first / "eval", out / name / "eval", tasks)
         run_eval(model, tasks, ecfg, out / name / "eval", adapter=adapter, progress=progress)
         cells = [c for c in load_cells(out / name / "eval") if c["press"] == "lookaheadkv"]
         row = {"variant": name, "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
@@ -48,6 +50,22 @@ def run_ablation(model, labels_dir, variants: dict[str, dict], tasks, *, base_tr
     (out / "ablation.json").write_text(json.dumps(result, indent=1))
     plot_ablation(result, out / "ablation.png")
     return result
+
+
+def _reuse_full_kv(src: Path, dst: Path, tasks) -> None:
+    """Copy the first variant's finished FullKV cells into another variant's folder: the adapter does
+    not change them, and the runner still checks each copy's fingerprints (model, task) before reusing it."""
+    import shutil
+
+    from lkv_jax.evaluation.runner import FULL_KV, cell_path
+
+    if src == dst:
+        return
+    for task in tasks:
+        a, b = cell_path(src, FULL_KV, "full", task.name), cell_path(dst, FULL_KV, "full", task.name)
+        if a.is_file() and not b.is_file():
+            b.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(a, b)
 
 
 def _leaves(tree):
