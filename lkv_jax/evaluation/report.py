@@ -243,7 +243,8 @@ def _budget_axis(ax, grid) -> None:
 
 
 def plot_scores(cells: list[dict], path) -> Path:
-    """Score against budget (ratio): one panel per task and one for the average; FullKV dashed."""
+    """Score against budget (ratio): one panel per task and one for the average (with its 95% bootstrap
+    interval as a band); FullKV dashed."""
     plt = _plt()
     grid = _grid(cells)
     scores = score_table(grid)
@@ -252,12 +253,17 @@ def plot_scores(cells: list[dict], path) -> Path:
     cols = min(n, 3)
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    intervals, _ = interval_tables(grid)
     for ax, task in zip(axes.flat, panels, strict=False):
         for press in grid["presses"]:
             row = scores[task].get(press, {})
             xs = [x for x in grid["xs"] if x in row]
             if xs:
-                ax.plot(xs, [row[x] for x in xs], marker="o", label=press)
+                line, = ax.plot(xs, [row[x] for x in xs], marker="o", label=press)
+                band = intervals.get(press, {})
+                if task == "average" and all(x in band for x in xs):  # the 95% bootstrap interval
+                    ax.fill_between(xs, [band[x]["lo"] for x in xs], [band[x]["hi"] for x in xs],
+                                    color=line.get_color(), alpha=0.12)
         full = scores[task].get(FULL_KV, {})
         if full:
             ax.axhline(next(iter(full.values())), color="black", linestyle="--", linewidth=1, label="FullKV")
