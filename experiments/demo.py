@@ -12,7 +12,9 @@ experiments/train_tiny_target.py on the synthetic tasks) it:
      StreamingLLM, TOVA and LAQ at small budgets on held-out samples (`lkv eval`), with the oracle
      coverage diagnostics and the eviction overhead, and as a reference the response-attention oracle
      (the model's own full-cache answer scores the prompt: what LookaheadKV learns to predict);
-  5. prints the results table and writes runs/demo/eval/{results.md, scores.png, overhead.png, oracle.png}.
+  5. prints the results tables (scores with 95% bootstrap intervals, LookaheadKV's paired difference from
+     every other press) and writes runs/demo/eval/{results.md, summary.json, scores.png, overhead.png,
+     oracle.png}.
 Every stage is resumable: rerunning continues where it stopped.
 """
 
