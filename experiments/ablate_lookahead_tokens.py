@@ -30,7 +30,8 @@ def main(argv=None) -> int:
     model, tasks, base, budgets = load_inputs(args)
     variants = {f"n={n}": {"n_lookahead": int(n)} for n in args.n.split(",")}
     result = run_ablation(model, args.labels, variants, tasks, base_train=base, budgets=budgets, out_dir=args.out,
-                          title="LookaheadKV: number of lookahead tokens")
+                          title="LookaheadKV: number of lookahead tokens",
+                          reference="n=32" if "n=32" in variants else None)
     print(summary_table(result))
     return 0
 

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     model, tasks, base, budgets = load_inputs(args)
     base["n_lookahead"] = args.n_lookahead
     result = run_ablation(model, args.labels, VARIANTS, tasks, base_train=base, budgets=budgets, out_dir=args.out,
-                          title="LookaheadKV: LoRA targets")
+                          title="LookaheadKV: LoRA targets", reference="all")
     print(summary_table(result))
     return 0
 

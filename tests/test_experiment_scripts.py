@@ -36,6 +36,14 @@ def test_ablation_table_and_plot(tmp_path):
     assert table[3] == "| n=2 | 2,345 | - | 25.5 [20.2, 30.0] | -0.5 | +2.0 |"
     path = plot_ablation(result, tmp_path / "a.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # with a reference variant: its paired difference from every other row, after the scores
+    result["reference"] = "n=2"
+    result["rows"][0]["diff@64"] = {"mean": 5.5, "lo": -1.0, "hi": 12.25, "p_better": 0.9}
+    table = summary_table(result).splitlines()
+    assert table[0] == ("| variant | adapter params | score@32 | score@64 | n=2 minus it @32 | n=2 minus it @64 "
+                        "| overhead %@32 | overhead %@64 |")
+    assert table[2] == "| n=1 | 1,234 | 10.0 | 20.0 | - | +5.5 [-1.0, +12.2] | +1.5 | - |"
+    assert table[3] == "| n=2 | 2,345 | - | 25.5 [20.2, 30.0] | - | - | -0.5 | +2.0 |"
 
 
 def test_ablation_variants_share_the_first_variants_full_kv_cells(tmp_path):

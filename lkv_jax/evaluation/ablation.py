@@ -12,19 +12,23 @@ import numpy as np
 
 
 def run_ablation(model, labels_dir, variants: dict[str, dict], tasks, *, base_train: dict, budgets, out_dir,
-                 title: str, progress: bool = True) -> dict:
+                 title: str, reference: str | None = None, progress: bool = True) -> dict:
     """variants: name -> TrainConfig overrides (e.g. {"n_lookahead": 4}); base_train: the shared
     TrainConfig fields. Each variant trains into out_dir/<name>/adapter (resumable) and is evaluated into
-    out_dir/<name>/eval (resumable). Returns and writes out_dir/ablation.json; plots out_dir/ablation.png.
+    out_dir/<name>/eval (resumable). reference: a variant name; every other row then also gets the paired
+    difference of the reference minus it on the same samples (`diff@<budget>`: mean, lo, hi, p_better).
+    Returns and writes out_dir/ablation.json; plots out_dir/ablation.png.
     """
     from lkv_jax.evaluation.report import load_cells
     from lkv_jax.evaluation.runner import EvalConfig, PressSpec, run_eval
-    from lkv_jax.evaluation.uncertainty import score_interval
+    from lkv_jax.evaluation.uncertainty import paired_difference, score_interval
     from lkv_jax.lookahead.training import TrainConfig, train
 
+    if reference is not None and reference not in variants:
+        raise ValueError(f"reference variant {reference!r} is not one of {list(variants)}")
     out = Path(out_dir).absolute()
     first = next(iter(variants), None)
-    rows = []
+    rows, samples = [], {}
     for name, overrides in variants.items():
         cfg = TrainConfig(**{**base_train, **overrides, "data_dir": str(labels_dir),
                              "out_dir": str(out / name / "adapter")})
@@ -34,6 +38,7 @@ def run_ablation(model, labels_dir, variants: dict[str, dict], tasks, *, base_tr
         _reuse_full_kv(out / first / "eval", out / name / "eval", tasks)
         run_eval(model, tasks, ecfg, out / name / "eval", adapter=adapter, progress=progress)
         cells = [c for c in load_cells(out / name / "eval") if c["press"] == "lookaheadkv"]
+        samples[name] = {b: {c["task"]: c["sample_scores"] for c in cells if c["budget"] == b} for b in budgets}
         row = {"variant": name, "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
                "adapter_params": int(sum(np.size(x) for x in _leaves(adapter)))}
         for b in budgets:
@@ -45,7 +50,13 @@ def run_ablation(model, labels_dir, variants: dict[str, dict], tasks, *, base_tr
             pct = [c["timing"].get("overhead_pct") for c in at_b if c["timing"].get("overhead_pct") is not None]
             row[f"overhead_pct@{b}"] = float(np.mean(pct)) if pct else None
         rows.append(row)
-    result = {"title": title, "budgets": list(budgets), "tasks": [t.name for t in tasks], "rows": rows,
+    if reference is not None:
+        for row in rows:
+            for b in budgets:
+                if row["variant"] != reference and samples[reference][b] and samples[row["variant"]][b]:
+                    row[f"diff@{b}"] = paired_difference(samples[reference][b], samples[row["variant"]][b])
+    result = {"title": title, "reference": reference, "budgets": list(budgets), "tasks": [t.name for t in tasks],
+              "rows": rows,
               "train": {k: list(v) if isinstance(v, tuple) else v for k, v in base_train.items()}}
     (out / "ablation.json").write_text(json.dumps(result, indent=1))
     plot_ablation(result, out / "ablation.png")
@@ -112,13 +123,19 @@ def _score_cell(row: dict, budget: int) -> str:
 
 
 def summary_table(result: dict) -> str:
-    """The ablation as a markdown table (scores with their 95% bootstrap interval where the row has one)."""
+    """The ablation as a markdown table: scores with their 95% bootstrap interval where the row has one, the
+    reference variant's paired difference where the result has a reference, overhead."""
+    ref = result.get("reference")
     head = ["variant", "adapter params"] + [f"score@{b}" for b in result["budgets"]] + \
+        ([f"{ref} minus it @{b}" for b in result["budgets"]] if ref else []) + \
         [f"overhead %@{b}" for b in result["budgets"]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         cells = [r["variant"], f"{r['adapter_params']:,}"]
         cells += [_score_cell(r, b) for b in result["budgets"]]
+        if ref:
+            cells += ["-" if (d := r.get(f"diff@{b}")) is None else f"{d['mean']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]"
+                      for b in result["budgets"]]
         cells += ["-" if r[f"overhead_pct@{b}"] is None else f"{r[f'overhead_pct@{b}']:+.1f}"
                   for b in result["budgets"]]
         lines.append("| " + " | ".join(cells) + " |")
