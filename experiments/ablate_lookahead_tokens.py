@@ -4,7 +4,8 @@
     python experiments/ablate_lookahead_tokens.py --n 1,2,4,8,16,32,64 --model DIR --labels DIR
 
 For each n it trains an adapter with n lookahead embeddings (everything else equal, same labels),
-evaluates LookaheadKV at the budgets on the synthetic tasks, and records accuracy and eviction overhead
+evaluates LookaheadKV at the budgets on the synthetic tasks, and records accuracy (with a 95% bootstrap
+interval, and n=32's paired difference from each other n on the same samples) and eviction overhead
 (% of prefill). Writes OUT/ablation.json and one plot OUT/ablation.png; every stage is resumable.
 """
 

@@ -4,7 +4,8 @@
     python experiments/ablate_lora_targets.py --model DIR --labels DIR --budgets 64,128
 
 Variants: no LoRA (lookahead embeddings only), attention only (q, k, v, o), all seven projections
-(q, k, v, o, gate, up, down). Each trains on the same labels; LookaheadKV is evaluated at the budgets.
+(q, k, v, o, gate, up, down). Each trains on the same labels; LookaheadKV is evaluated at the budgets
+(scores with 95% bootstrap intervals, and "all" minus each other variant on the same samples).
 Writes OUT/ablation.json and OUT/ablation.png; every stage is resumable.
 """
 
