@@ -61,3 +61,12 @@ def test_ablation_variants_share_the_first_variants_full_kv_cells(tmp_path):
     _reuse_full_kv(src, dst, tasks)
     assert cell_path(dst, FULL_KV, "full", tasks[0].name).read_text() == '{"complete": true}'
     assert cell_path(dst, FULL_KV, "full", tasks[1].name).read_text() == '{"own": 1}'  # its own cell kept
+
+
+def test_ablation_refuses_an_unknown_reference_before_training(tmp_path):
+    from lkv_jax.evaluation.ablation import run_ablation
+
+    with pytest.raises(ValueError, match="reference variant 'n=32' is not one of"):
+        run_ablation(None, tmp_path / "labels", {"n=1": {"n_lookahead": 1}}, [], base_train={}, budgets=[32],
+                     out_dir=tmp_path / "out", title="t", reference="n=32")
+    assert not (tmp_path / "out").exists()
