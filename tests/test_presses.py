@@ -5,6 +5,7 @@ mean budget, generation with a budget >= the prompt, and batched == single runs.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -18,6 +19,7 @@ from lkv_jax.presses import (
     PyramidKVPress,
     RandomPress,
     SnapKVPress,
+    StreamingLLMPress,
     TOVAPress,
     make_press,
 )
@@ -376,3 +378,20 @@ def test_errors(models, prompts):
         SnapKVPress(kernel_size=4)
     with pytest.raises(ValueError, match="pooling"):
         SnapKVPress(pooling="median")
+
+
+def test_press_types_with_equal_fields_have_distinct_tree_structures():
+    # regression: registered as plain dataclasses, KnormPress and TOVAPress (and ObservedAttention and
+    # Random) at the same ratio had equal tree structures, so jit's cache could rarely serve one press the
+    # other's compiled function (an intermittent wrong selection in test_cache_length_top_scores_and_protection)
+    presses = [KnormPress(compression_ratio=0.4), TOVAPress(compression_ratio=0.4),
+               ObservedAttentionPress(compression_ratio=0.4), RandomPress(seed=0, compression_ratio=0.4),
+               SnapKVPress(compression_ratio=0.4), StreamingLLMPress(compression_ratio=0.4)]
+    structures = [jax.tree_util.tree_structure(p) for p in presses]
+    for i, a in enumerate(structures):
+        for j, b in enumerate(structures):
+            assert (a == b) == (i == j), (presses[i], presses[j])
+    # and a press survives flatten / unflatten unchanged
+    for p in presses:
+        leaves, tree = jax.tree_util.tree_flatten(p)
+        assert jax.tree_util.tree_unflatten(tree, leaves) == p

@@ -54,10 +54,30 @@ class CompressOutput:
 
 
 def register_press(cls):
-    """Class decorator: register a press dataclass as a pytree (fields in `array_fields` are leaves)."""
+    """Class decorator: register a press dataclass as a pytree (fields in `array_fields` are leaves).
+
+    The class itself is part of the static data: with `register_dataclass` the tree structures of two press
+    types with equal field values compared equal (KnormPress and TOVAPress at the same ratio), so a jit
+    cache lookup could, rarely, hand one press the other's compiled function."""
     names = [f.name for f in dataclasses.fields(cls)]
-    data = [n for n in names if n in cls.array_fields]
-    return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=[n for n in names if n not in data])
+    data = tuple(n for n in names if n in cls.array_fields)
+    meta = tuple(n for n in names if n not in data)
+
+    def flatten_with_keys(press):
+        children = [(jax.tree_util.GetAttrKey(n), getattr(press, n)) for n in data]
+        return children, (cls, tuple(getattr(press, n) for n in meta))
+
+    def unflatten(aux, children):
+        _, values = aux
+        press = object.__new__(cls)  # no __init__ / __post_init__: leaves may be tracers or placeholders
+        for n, v in zip(meta, values, strict=True):
+            object.__setattr__(press, n, v)
+        for n, v in zip(data, children, strict=True):
+            object.__setattr__(press, n, v)
+        return press
+
+    jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten)
+    return cls
 
 
 @dataclasses.dataclass(frozen=True)
