@@ -45,7 +45,7 @@ def run_ablation(model, labels_dir, variants: dict[str, dict], tasks, *, base_tr
             at_b = [c for c in cells if c["budget"] == b]
             row[f"score@{b}"] = float(np.mean([c["score"] for c in at_b])) if at_b else None
             if at_b:  # 95% bootstrap interval over the samples (resampled within each task)
-                i = score_interval({c["task"]: list(c["sample_scores"].values()) for c in at_b})
+                i = score_interval({t: list(v.values()) for t, v in samples[name][b].items()})
                 row[f"score_interval@{b}"] = [i["lo"], i["hi"]]
             pct = [c["timing"].get("overhead_pct") for c in at_b if c["timing"].get("overhead_pct") is not None]
             row[f"overhead_pct@{b}"] = float(np.mean(pct)) if pct else None
