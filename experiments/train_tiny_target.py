@@ -32,10 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/tiny_target", help="checkpoints and metrics (resumable)")
     p.add_argument("--seed", type=int, default=0, help="seeds the initialisation and the training data")
     p.add_argument("--curriculum", default=DEFAULT_CURRICULUM,
-                   help="comma-separated length:steps:lr:batch[:symbols[:copy[:haystack[:distinct]]]] stages; "
-                        "symbols = alphabet size of the data (0: all), copy = fraction of pure copy sequences, "
+                   help="comma-separated length:steps:lr:batch[:symbols[:copy[:haystack[:distinct]]]][:name=value] "
+                        "stages; symbols = alphabet size of the data (0: all), copy = fraction of pure copy sequences, "
                         "haystack = fraction of benchmark-shaped haystacks with the questions at the end, distinct = "
-                        "fraction of those whose value words occur in one record each (default %(default)s)")
+                        "fraction of those whose value words occur in one record each, recall = fraction of key-value "
+                        "recall streams, recall_words = their longest value (words); the optional fields also as "
+                        "name=value (default %(default)s)")
     p.add_argument("--warmup", type=int, default=100, help="linear warmup steps at the start")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
@@ -45,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--eval-lengths", default="512,1024", help="context lengths of the final accuracy check")
     p.add_argument("--eval-samples", type=int, default=32, help="held-out samples per task and length")
+    p.add_argument("--init", default=None,
+                   help="start from this HF directory's weights (a second phase on top of a trained model; the model "
+                        "shape options are then ignored) instead of a fresh initialisation from --seed")
     p.add_argument("--skip-training", action="store_true", help="only evaluate and export the last checkpoint")
     return p
 
@@ -64,7 +69,16 @@ def main(argv=None) -> int:
                              num_kv_heads=args.kv_heads, max_position_embeddings=max(4096, 2 * stages[-1].length))
     from lkv_jax.models.transformer import Transformer
 
-    trainer = Trainer(scaled_init(Transformer(cfg, rngs=nnx.Rngs(args.seed)), args.seed))
+    if args.init:
+        from lkv_jax.checkpoint.hf import load_hf
+
+        start = load_hf(args.init, dtype="float32")
+        if start.config.vocab_size != cfg.vocab_size:
+            raise SystemExit(f"--init {args.init}: vocabulary {start.config.vocab_size} is not the built-in "
+                             f"vocabulary's {cfg.vocab_size}")
+        trainer = Trainer(start)
+    else:
+        trainer = Trainer(scaled_init(Transformer(cfg, rngs=nnx.Rngs(args.seed)), args.seed))
     workdir = Path(args.workdir)
     ckpt = workdir / "checkpoint"
     note = trainer.restore(ckpt)
@@ -75,7 +89,7 @@ def main(argv=None) -> int:
         # the data of a step depends only on (seed, step): a resumed run sees what the first run would have
         return training_batch(np.random.default_rng([args.seed, step]), stage.batch, stage.length, vocab,
                               symbols=stage.symbols, p_copy=stage.copy, p_haystack=stage.haystack,
-                              p_distinct=stage.distinct)
+                              p_distinct=stage.distinct, p_recall=stage.recall, recall_words=stage.recall_words)
 
     def stage_end(stage, tr):
         # held-out stream at the stage's length with the full alphabet

@@ -99,27 +99,43 @@ class Stage:
     copy: float = 0.0  # fraction of pure copy sequences
     haystack: float = 0.0  # fraction (of the rest) of benchmark-shaped haystacks with questions at the end
     distinct: float = 0.0  # fraction of those haystacks whose value words occur in one record each
+    recall: float = 0.0  # fraction (of the non-copy sequences) of key-value recall streams
+    recall_words: int = 5  # their values have 1 to recall_words words
+
+
+_OPTIONAL = ("symbols", "copy", "haystack", "distinct", "recall", "recall_words")
+_STAGE_FORMAT = "length:steps:lr:batch[:symbols[:copy[:haystack[:distinct]]]][:name=value...]"
 
 
 def parse_curriculum(text: str) -> tuple[Stage, ...]:
-    """`"128:600:3e-3:32:16:0.8,256:600:2e-3:16"` -> stages
-    (length:steps:lr:batch[:symbols[:copy[:haystack[:distinct]]]], comma separated; symbols 0 = the whole
-    alphabet)."""
+    """`"128:600:3e-3:32:16:0.8,256:600:2e-3:16,64:800:1e-3:32:recall=1:recall_words=1"` -> stages.
+
+    Comma-separated stages: length:steps:lr:batch, then the optional fields of `Stage` in order (symbols,
+    copy, haystack, distinct, ...) and/or as name=value; symbols 0 = the whole alphabet."""
     stages = []
     for part in text.split(","):
         try:
             fields = part.split(":")
-            if len(fields) not in (4, 5, 6, 7, 8):
+            if len(fields) < 4:
                 raise ValueError(part)
-            symbols = int(fields[4]) if len(fields) >= 5 and int(fields[4]) > 0 else None
-            copy = float(fields[5]) if len(fields) >= 6 else 0.0
-            haystack = float(fields[6]) if len(fields) >= 7 else 0.0
-            distinct = float(fields[7]) if len(fields) == 8 else 0.0
-            stages.append(Stage(int(fields[0]), int(fields[1]), float(fields[2]), int(fields[3]), symbols, copy,
-                                haystack, distinct))
+            named = [f for f in fields[4:] if "=" in f]
+            positional = [f for f in fields[4:] if "=" not in f]
+            if fields[4:] != positional + named or len(positional) > 4:  # positional ones first, at most four
+                raise ValueError(part)
+            values = dict(zip(_OPTIONAL[:len(positional)], positional, strict=True))
+            for f in named:
+                name, value = f.split("=", 1)
+                if name not in _OPTIONAL or name in values:
+                    raise ValueError(part)
+                values[name] = value
+            symbols = int(values.get("symbols", 0))
+            stages.append(Stage(int(fields[0]), int(fields[1]), float(fields[2]), int(fields[3]),
+                                symbols if symbols > 0 else None, float(values.get("copy", 0.0)),
+                                float(values.get("haystack", 0.0)), float(values.get("distinct", 0.0)),
+                                float(values.get("recall", 0.0)), int(values.get("recall_words", 5))))
         except ValueError as e:
-            raise ValueError(f"bad curriculum stage {part!r}; expected "
-                             "length:steps:lr:batch[:symbols[:copy[:haystack[:distinct]]]]") from e
+            raise ValueError(f"bad curriculum stage {part!r}; expected {_STAGE_FORMAT} "
+                             f"(names: {', '.join(_OPTIONAL)})") from e
     if not stages:
         raise ValueError("empty curriculum")
     return tuple(stages)

@@ -59,7 +59,8 @@ def predict(model: Transformer, vocab, samples, *, press=None, batch_size: int =
             row = list(row)
             if vocab.eos_id in row:
                 row = row[:row.index(vocab.eos_id)]
-            out.append(vocab.decode(row))
+            # ids past the vocabulary (the embedding table is padded) are no words: dropped, as the evaluator does
+            out.append(vocab.decode([i for i in row if i < len(vocab)]))
     return out
 
 

@@ -291,6 +291,39 @@ def test_distinct_haystacks_use_each_value_word_once_and_answer_right():
     np.testing.assert_array_equal(a[0], b[0])
 
 
+def test_recall_streams_ask_keys_among_many_records():
+    v = builtin_vocab()
+    for recall_words in (1, 5):
+        n_records, n_keys_asked, lengths = [], set(), set()
+        for seed in range(8):
+            ids, w = training_sequence(np.random.default_rng(seed), 256, v, p_recall=1.0, recall_words=recall_words)
+            words = v.decode(ids, skip_special=False).split()
+            expected = np.zeros_like(w)
+            for i in [j for j, x in enumerate(words) if x == "?"]:
+                if ":" not in words[i:]:
+                    break
+                colon = words.index(":", i)
+                end = words.index("<eos>", colon) if "<eos>" in words[colon:] else len(words)
+                truth = solve(words[:i], " ".join(words[i:colon + 1])).split()  # the brute-force reader
+                answer = words[colon + 1:end]
+                assert answer == (truth if end < len(words) else truth[:len(answer)])
+                expected[colon + 1:end + 1] = 1.0
+                n_records.append(sum(x == "key" and words[k - 1] != "?" for k, x in enumerate(words[:i])))
+                n_keys_asked.add(words[i + 2])
+                lengths.add(len(truth))
+            np.testing.assert_array_equal(w, expected)  # supervised: exactly the answers and their EOS
+        assert min(n_records) >= 2 and np.mean(n_records) > 8  # a question always has distractor records
+        assert len(n_keys_asked) > 40
+        assert lengths == ({1} if recall_words == 1 else {1, 2, 3, 4, 5})
+    # off by default: p_recall=0 draws exactly the stream drawn without the option (shipped curricula replay)
+    for seed in range(5):
+        a = training_sequence(np.random.default_rng(seed), 256, v, p_copy=0.3, p_haystack=0.5)
+        b = training_sequence(np.random.default_rng(seed), 256, v, p_copy=0.3, p_haystack=0.5, p_recall=0.0)
+        np.testing.assert_array_equal(a[0], b[0])
+    with pytest.raises(ValueError, match="recall_words"):
+        training_sequence(np.random.default_rng(0), 64, v, p_recall=1.0, recall_words=0)
+
+
 def test_training_stream_small_alphabet():
     v = builtin_vocab()
     allowed = set(VALUES[:8]) | set(NAMES[:8])

@@ -53,7 +53,11 @@ def test_curriculum_and_learning_rate_by_hand():
     assert parse_curriculum("64:1:1e-3:2:0:0.1:0.5")[0].haystack == 0.5
     assert parse_curriculum("64:1:1e-3:2:0:0:0.5:0.8")[0].distinct == 0.8
     assert parse_curriculum("64:1:1e-3:2:0:0:0.5")[0].distinct == 0.0
-    for bad in ("128:10", "128:10:1e-3:4:16:1:1:1:1", "a:10:1e-3:4"):
+    named = parse_curriculum("64:5:1e-3:8:recall=1:recall_words=1,64:5:1e-3:8:16:haystack=0.5:recall=0.25")
+    assert named == (Stage(64, 5, 1e-3, 8, recall=1.0, recall_words=1),
+                     Stage(64, 5, 1e-3, 8, 16, haystack=0.5, recall=0.25))
+    for bad in ("128:10", "128:10:1e-3:4:16:1:1:1:1", "a:10:1e-3:4", "64:5:1e-3:8:recal=1",
+                "64:5:1e-3:8:copy=0.1:0.5", "64:5:1e-3:8:0:symbols=16", "64:5:1e-3:8:recall=x"):
         with pytest.raises(ValueError, match="length:steps:lr:batch"):
             parse_curriculum(bad)
 
@@ -144,3 +148,32 @@ def test_shipped_model_matches_transformers():
         expected = hf(torch.tensor([ids])).logits.numpy()
     got = np.asarray(forward(load_hf(ASSET_DIR), np.asarray([ids])))
     np.testing.assert_allclose(got, expected, atol=2e-4, rtol=1e-4)
+
+
+def test_second_phase_starts_from_the_given_weights(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from lkv_jax import load_hf
+    from lkv_jax.checkpoint.hf import save_hf
+    from lkv_jax.data.vocab import builtin_vocab
+
+    spec = importlib.util.spec_from_file_location(
+        "train_tiny_target", Path(__file__).parents[1] / "experiments" / "train_tiny_target.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    v = builtin_vocab()
+    start = Transformer(small_llama_config(len(v), hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1),
+                        rngs=nnx.Rngs(3))
+    save_hf(start, tmp_path / "start")
+    # no training: the exported model is the --init model, not a fresh one of the default shape
+    script.main(["--init", str(tmp_path / "start"), "--skip-training", "--eval-lengths", "200", "--eval-samples", "1",
+                 "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "out")])
+    out = load_hf(tmp_path / "out")
+    assert out.config.hidden_size == 32 and out.config.num_hidden_layers == 1
+    np.testing.assert_array_equal(np.asarray(out.layers[0].q.kernel[...]), np.asarray(start.layers[0].q.kernel[...]))
+    save_hf(Transformer(small_llama_config(100, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1),
+                        rngs=nnx.Rngs(0)), tmp_path / "other")
+    with pytest.raises(SystemExit, match="vocabulary"):
+        script.main(["--init", str(tmp_path / "other"), "--skip-training", "--workdir", str(tmp_path / "w2"),
+                     "--out", str(tmp_path / "out2")])

@@ -207,6 +207,36 @@ def _haystack_stream(rng: np.random.Generator, n_words: int, values, names, dist
     return s
 
 
+def _recall_stream(rng: np.random.Generator, n_words: int, values, names, max_words: int = 5) -> _Stream:
+    """Multi-query associative recall in the task grammar: `key K : v .` records back to back (a filler
+    sentence now and then) with `? key K :` questions about any earlier record interleaved, each answer
+    supervised. Every record looks alike after its key, so the first answer word can only come from matching
+    the key two words before the value (copying whatever follows a `:` picks a random record: what the tiny
+    target did on niah_multikey, 25% with 4 keys at any length, before this stream existed).
+
+    max_words: values have 1 to max_words words. With 1, every supervised word but EOS is such a match, the
+    strongest signal for forming the matching head (a copy-trained model sits near chance on longer values,
+    where the words after the first are easy copies that dominate the loss)."""
+    s = _Stream()
+    free_names = list(rng.permutation(names))
+    single: dict[str, str] = {}
+    while len(s.words) < n_words:
+        r = rng.random()
+        if r < 0.08:
+            s.context(" ".join(filler_sentence(rng)))
+        elif len(single) >= 2 and (r < 0.45 or not free_names):
+            k = list(single)[int(rng.integers(0, len(single)))]
+            s.answer(f"? key {k} :", single[k])
+        elif free_names:
+            k, v = free_names.pop(), value_words(rng, int(rng.integers(1, max_words + 1)), values)
+            single[k] = v
+            s.context(key_record(k, v))
+        else:  # a single-record stream that ran out of names: ask about it
+            k = next(iter(single))
+            s.answer(f"? key {k} :", single[k])
+    return s
+
+
 def _copy_stream(rng: np.random.Generator, n_words: int, values) -> _Stream:
     """Fresh spans of value words and verbatim repeats of earlier ones, about half of them repeats."""
     s = _Stream()
@@ -245,7 +275,7 @@ def _frequent_words_stream(rng: np.random.Generator, n_words: int, values) -> _S
 
 def training_sequence(rng: np.random.Generator, length: int, vocab, *, p_frequent_words: float = 0.1,
                       symbols: int | None = None, p_copy: float = 0.0, p_haystack: float = 0.0,
-                      p_distinct: float = 0.0):
+                      p_distinct: float = 0.0, p_recall: float = 0.0, recall_words: int = 5):
     """One sequence of `length + 1` token ids (`<bos>` first) and per-token loss weights (1 on answer words,
     their EOS and copies): inputs are ids[:-1], targets ids[1:] weighted by weights[1:]. int32, float32 [T+1].
 
@@ -257,6 +287,8 @@ def training_sequence(rng: np.random.Generator, length: int, vocab, *, p_frequen
     at its end (`_haystack_stream`); with 0 the random stream is exactly what it was without the option.
     p_distinct: the probability that a haystack sequence uses each value word in at most one record (with 0,
     again, the stream is unchanged).
+    p_recall: the probability (of the non-copy sequences) of a key-value recall stream (`_recall_stream`, values
+    of 1 to `recall_words` words); with 0 the stream is unchanged.
     """
     if length < 16:
         raise ValueError(f"length must be at least 16, got {length}")
@@ -264,12 +296,18 @@ def training_sequence(rng: np.random.Generator, length: int, vocab, *, p_frequen
     names = NAMES if symbols is None else NAMES[:symbols]
     if len(values) < 4:
         raise ValueError(f"symbols must be at least 4, got {symbols}")
+    if recall_words < 1:
+        raise ValueError(f"recall_words must be at least 1, got {recall_words}")
     r = rng.random()
+    # thresholds written so that p_recall=0 gives exactly the floats (and streams) of before the option
+    base, rest = p_copy + (1 - p_copy) * p_recall, (1 - p_copy) * (1 - p_recall)
     if r < p_copy:
         stream = _copy_stream(rng, length + 1, values)
-    elif r < p_copy + (1 - p_copy) * p_frequent_words:
+    elif r < base:
+        stream = _recall_stream(rng, length + 1, values, names, recall_words)
+    elif r < base + rest * p_frequent_words:
         stream = _frequent_words_stream(rng, length + 1, values)
-    elif r < p_copy + (1 - p_copy) * (p_frequent_words + p_haystack):
+    elif r < base + rest * (p_frequent_words + p_haystack):
         distinct = p_distinct > 0 and rng.random() < p_distinct
         stream = _haystack_stream(rng, length + 1, values, names, distinct)
     else:
