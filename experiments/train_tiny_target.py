@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     from lkv_jax.data.training_stream import training_batch
     from lkv_jax.data.vocab import builtin_vocab
     from lkv_jax.pretraining import Trainer, parse_curriculum, run_curriculum, scaled_init, small_llama_config
-    from lkv_jax.tiny_target import export, synthetic_accuracy
+    from lkv_jax.tiny_target import export, synthetic_accuracy, training_commands
 
     vocab = builtin_vocab()
     stages = parse_curriculum(args.curriculum)
@@ -81,6 +81,19 @@ def main(argv=None) -> int:
         trainer = Trainer(scaled_init(Transformer(cfg, rngs=nnx.Rngs(args.seed)), args.seed))
     workdir = Path(args.workdir)
     ckpt = workdir / "checkpoint"
+    # a checkpoint only continues the run that wrote it (the first phase's would silently skip a second one)
+    run = {"seed": args.seed, "curriculum": args.curriculum, "warmup": args.warmup,
+           "init": str(Path(args.init).resolve()) if args.init else None,
+           "shape": None if args.init else [args.hidden, args.layers, args.heads, args.kv_heads]}
+    if (workdir / "run.json").exists():
+        previous = json.loads((workdir / "run.json").read_text())
+        if previous != run:
+            raise SystemExit(f"{workdir} holds checkpoints of another run ({previous}); give another --workdir")
+    elif ckpt.with_suffix(".npz").exists():
+        raise SystemExit(f"{workdir} holds a checkpoint without run.json (an older run?); give another --workdir")
+    command = "python experiments/train_tiny_target.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    if args.skip_training and (workdir / "command.txt").exists():  # the card names the command that trained it
+        command = (workdir / "command.txt").read_text().strip()
     note = trainer.restore(ckpt)
     print(f"{trainer.model.num_params()} parameters; "
           + (f"resumed at step {note['step']}" if note else "starting from scratch"), flush=True)
@@ -102,6 +115,8 @@ def main(argv=None) -> int:
 
     if not args.skip_training:
         workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+        (workdir / "command.txt").write_text(command + "\n")
         log = lambda s: print(s, flush=True)
         for _ in run_curriculum(trainer, stages, batches, warmup=args.warmup, log_every=args.log_every,
                                 checkpoint=ckpt, checkpoint_every=args.checkpoint_every, log=log,
@@ -112,8 +127,11 @@ def main(argv=None) -> int:
     for L in [int(x) for x in args.eval_lengths.split(",")]:
         results[L] = synthetic_accuracy(model, vocab, length=L, n=args.eval_samples)
         print(json.dumps({"eval_length": L, **results[L]}), flush=True)
-    command = "python experiments/train_tiny_target.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    out = export(model, vocab, args.out, command=command.strip(), results=results, n_samples=args.eval_samples)
+    earlier = tuple(training_commands(args.init)) if args.init else ()
+    if args.init and not earlier:
+        earlier = (f"(weights from {args.init}; how they were made is not recorded there)",)
+    out = export(model, vocab, args.out, command=command.strip(), results=results, n_samples=args.eval_samples,
+                 earlier=earlier)
     print(f"wrote {out}", flush=True)
     return 0
 

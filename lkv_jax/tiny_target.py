@@ -92,14 +92,32 @@ def accuracy_table(results: dict[int, dict]) -> str:
     return "\n".join(rows)
 
 
+def training_commands(directory: str | Path) -> list[str]:
+    """The commands that made an exported model, in order (`provenance.json`; for a directory exported before
+    that file existed, the indented command under "Made with:" in its model card). Empty if unknown."""
+    directory = Path(directory)
+    if (directory / "provenance.json").exists():
+        return list(json.loads((directory / "provenance.json").read_text())["commands"])
+    card = (directory / "README.md").read_text().splitlines() if (directory / "README.md").exists() else []
+    for i, line in enumerate(card):
+        if line.startswith("Made with") and i + 2 < len(card) and card[i + 2].startswith("    python "):
+            return [card[i + 2].strip()]
+    return []
+
+
 def export(model: Transformer, vocab, directory: str | Path, *, command: str, results: dict[int, dict],
-           n_samples: int, notes: str = "") -> Path:
-    """Write the HF directory: config.json, model.safetensors, tokenizer.json (+ config), accuracy.json and
-    a README.md model card with the command that made the model and its full-KV accuracies."""
+           n_samples: int, notes: str = "", earlier: tuple[str, ...] = ()) -> Path:
+    """Write the HF directory: config.json, model.safetensors, tokenizer.json (+ config), accuracy.json,
+    provenance.json and a README.md model card with the commands that made the model (`earlier` ones first:
+    the phases whose output this one started from) and its full-KV accuracies."""
     directory = Path(directory)
     save_hf(model, directory)
     vocab.save(directory)
     (directory / "accuracy.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2) + "\n")
+    commands = [*earlier, command]
+    (directory / "provenance.json").write_text(json.dumps({"commands": commands}, indent=2) + "\n")
+    made_with = ("Made with:" if len(commands) == 1 else
+                 f"Made in {len(commands)} phases, each starting from the weights the previous one wrote:")
     cfg = model.config
     card = f"""# lkv_jax tiny target model
 
@@ -110,9 +128,9 @@ by lkv_jax on the RULER-style synthetic tasks of `lkv_jax.data.synthetic` (built
 `tokenizer.json` here). It exists to make KV-cache eviction measurable on a laptop CPU: its answers must be
 copied from records hidden in the middle of the prompt, several tokens each.
 
-Made with:
+{made_with}
 
-    {command}
+{chr(10).join('    ' + c for c in commands)}
 
 Full-KV accuracy (greedy `lkv_jax.generate`, query-aware prompts, {n_samples} held-out samples per task,
 seed 1234; score = RULER string_match_all x 100, exact = whole answer right):

@@ -150,30 +150,38 @@ def test_shipped_model_matches_transformers():
     np.testing.assert_allclose(got, expected, atol=2e-4, rtol=1e-4)
 
 
-def test_second_phase_starts_from_the_given_weights(tmp_path):
+def test_second_phase_starts_from_the_given_weights_and_records_both_commands(tmp_path):
     import importlib.util
     from pathlib import Path
 
     from lkv_jax import load_hf
     from lkv_jax.checkpoint.hf import save_hf
-    from lkv_jax.data.vocab import builtin_vocab
+    from lkv_jax.tiny_target import training_commands
 
     spec = importlib.util.spec_from_file_location(
         "train_tiny_target", Path(__file__).parents[1] / "experiments" / "train_tiny_target.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    v = builtin_vocab()
-    start = Transformer(small_llama_config(len(v), hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1),
-                        rngs=nnx.Rngs(3))
-    save_hf(start, tmp_path / "start")
-    # no training: the exported model is the --init model, not a fresh one of the default shape
-    script.main(["--init", str(tmp_path / "start"), "--skip-training", "--eval-lengths", "200", "--eval-samples", "1",
-                 "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "out")])
-    out = load_hf(tmp_path / "out")
-    assert out.config.hidden_size == 32 and out.config.num_hidden_layers == 1
-    np.testing.assert_array_equal(np.asarray(out.layers[0].q.kernel[...]), np.asarray(start.layers[0].q.kernel[...]))
+    small = ["--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--eval-lengths", "200",
+             "--eval-samples", "1"]
+    one = [*small, "--curriculum", "64:2:1e-3:2", "--workdir", str(tmp_path / "w1"), "--out", str(tmp_path / "one")]
+    script.main(one)
+    # phase two without training: the exported weights are phase one's, not a fresh model of the default shape
+    two = ["--init", str(tmp_path / "one"), "--skip-training", "--eval-lengths", "200", "--eval-samples", "1",
+           "--workdir", str(tmp_path / "w2"), "--out", str(tmp_path / "two")]
+    script.main(two)
+    a, b = load_hf(tmp_path / "one"), load_hf(tmp_path / "two")
+    assert b.config.hidden_size == 32 and b.config.num_hidden_layers == 1
+    np.testing.assert_array_equal(np.asarray(a.layers[0].q.kernel[...]), np.asarray(b.layers[0].q.kernel[...]))
+    commands = training_commands(tmp_path / "two")
+    assert len(commands) == 2 and "64:2:1e-3:2" in commands[0] and "--init" in commands[1]
+    assert all(c in (tmp_path / "two" / "README.md").read_text() for c in commands)
+    # a workdir continues only the run that wrote it
+    with pytest.raises(SystemExit, match="another run"):
+        script.main([*one[:-4], "--curriculum", "64:3:1e-3:2", "--workdir", str(tmp_path / "w1"),
+                     "--out", str(tmp_path / "x")])
     save_hf(Transformer(small_llama_config(100, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1),
                         rngs=nnx.Rngs(0)), tmp_path / "other")
     with pytest.raises(SystemExit, match="vocabulary"):
-        script.main(["--init", str(tmp_path / "other"), "--skip-training", "--workdir", str(tmp_path / "w2"),
-                     "--out", str(tmp_path / "out2")])
+        script.main(["--init", str(tmp_path / "other"), "--skip-training", "--workdir", str(tmp_path / "w3"),
+                     "--out", str(tmp_path / "out3")])
