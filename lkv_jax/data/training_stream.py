@@ -224,15 +224,12 @@ def _recall_stream(rng: np.random.Generator, n_words: int, values, names, max_wo
         r = rng.random()
         if r < 0.08:
             s.context(" ".join(filler_sentence(rng)))
-        elif len(single) >= 2 and (r < 0.45 or not free_names):
-            k = list(single)[int(rng.integers(0, len(single)))]
-            s.answer(f"? key {k} :", single[k])
-        elif free_names:
+        elif free_names and (len(single) < 2 or r >= 0.45):
             k, v = free_names.pop(), value_words(rng, int(rng.integers(1, max_words + 1)), values)
             single[k] = v
             s.context(key_record(k, v))
-        else:  # a single-record stream that ran out of names: ask about it
-            k = next(iter(single))
+        else:  # at least two records so far (the alphabet has at least four names)
+            k = list(single)[int(rng.integers(0, len(single)))]
             s.answer(f"? key {k} :", single[k])
     return s
 
