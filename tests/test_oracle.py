@@ -143,6 +143,14 @@ def test_evidence_positions_are_the_answer_records():
             assert words == want and len(words) > 0
             if name == "niah_multikey":  # the asked record only, not the distractors
                 assert len(words) == len(s.needles[0][1].split())
+            # the distractors: every other record, in context order (none beside a single needle)
+            others = [w for _, text in s.needles if not any(f" {r} " in f" {text} " for r in s.references)
+                      for w in text.split()]
+            assert v.decode(e.context_ids[e.extra["distractor_positions"]]).split() == others
+            assert not set(e.extra["distractor_positions"]) & set(e.extra["evidence_positions"])
+            assert len(others) == {"niah_single": 0, "niah_multikey": 3 * len(words)}.get(name, len(others))
+            if name in ("tag_list", "vt"):
+                assert len(others) > 0  # other tags' items, the other chain
 
 
 def test_runner_records_evidence_recall(tiny, tmp_path):
@@ -150,14 +158,25 @@ def test_runner_records_evidence_recall(tiny, tmp_path):
     from lkv_jax.evaluation.tasks import synthetic_task
 
     _, model = tiny  # vocabulary 128 < the built-in 448: remap ids into the model's range
-    task = synthetic_task("niah_single", n_samples=2, length=60, seed=0, vocab=builtin_vocab())
     remap = lambda ids: np.asarray(ids) % 128  # noqa: E731
-    samples = tuple(dataclass_replace(s, context_ids=remap(s.context_ids), question_ids=remap(s.question_ids))
-                    for s in task.samples)
-    task = dataclass_replace(task, samples=samples)
+    tasks = []
+    for name in ("niah_single", "niah_multikey"):
+        task = synthetic_task(name, n_samples=2, length=60, seed=0, vocab=builtin_vocab())
+        samples = tuple(dataclass_replace(s, context_ids=remap(s.context_ids), question_ids=remap(s.question_ids))
+                        for s in task.samples)
+        tasks.append(dataclass_replace(task, samples=samples))
+    task, multikey = tasks
+    samples = task.samples
     cfg = EvalConfig(presses=(PressSpec.parse("streamingllm:n_sink=1"),), budgets=(8, 1000), batch_size=2,
                      measure_overhead=False, oracle=False)
-    run_eval(model, [task], cfg, tmp_path, progress=False)
+    run_eval(model, tasks, cfg, tmp_path, progress=False)
+    # the distractor records (other keys) by the same measure, by hand; a single needle has none
+    cell = json.loads(cell_path(tmp_path, "streamingllm:n_sink=1", "budget=8", multikey.name).read_text())
+    for s, r in zip(multikey.samples, cell["samples"], strict=True):
+        dis, n = np.asarray(s.extra["distractor_positions"]), len(s.prompt_ids)
+        np.testing.assert_allclose(r["distractor_recall"], ((dis < 1) | (dis >= n - 7)).mean())
+    assert cell["evidence"]["distractor_mean"] == pytest.approx(
+        np.mean([r["distractor_recall"] for r in cell["samples"]]))
     small = json.loads(cell_path(tmp_path, "streamingllm:n_sink=1", "budget=8", task.name).read_text())
     large = json.loads(cell_path(tmp_path, "streamingllm:n_sink=1", "budget=1000", task.name).read_text())
     for s, r in zip(samples, small["samples"], strict=True):
@@ -167,3 +186,12 @@ def test_runner_records_evidence_recall(tiny, tmp_path):
         np.testing.assert_allclose(r["evidence_recall"], kept.mean())
     assert all(r["evidence_recall"] == [1.0, 1.0] for r in large["samples"])
     assert small["evidence"]["recall_mean"] == pytest.approx(np.mean([r["evidence_recall"] for r in small["samples"]]))
+    assert "distractor_mean" not in small["evidence"] and "distractor_recall" not in small["samples"][0]
+    # the report's table averages the tasks that have distractors only, evidence recall on the same tasks
+    from lkv_jax.evaluation.report import load_cells, markdown_report
+
+    text, numbers = markdown_report(load_cells(tmp_path))
+    row = numbers["distractor_recall"]["streamingllm:n_sink=1"]["8"]
+    assert row == pytest.approx({"evidence": cell["evidence"]["recall_mean"],
+                                 "distractor": cell["evidence"]["distractor_mean"]})
+    assert "Answer record vs distractors" in text

@@ -180,11 +180,11 @@ def markdown_report(cells: list[dict], reference: str | None = None) -> tuple[st
         rows = [[press] + [_fmt_interval(diffs[press].get(x), signed=True) for x in xs] for press in diffs]
         parts += [f"## {reference} minus each press: average score difference on the same samples, 95% paired "
                   f"bootstrap interval (share of replicates where {reference} is higher)", "", _md(rows, head), ""]
-    overhead, oracle, evidence = {}, {}, {}
-    rows_o, rows_c, rows_e = [], [], []
+    overhead, oracle, evidence, distractor = {}, {}, {}, {}
+    rows_o, rows_c, rows_e, rows_d = [], [], [], []
     for press in grid["presses"]:
-        o_row, c_row, e_row = [press], [press], [press]
-        overhead[press], oracle[press], evidence[press] = {}, {}, {}
+        o_row, c_row, e_row, d_row = [press], [press], [press], [press]
+        overhead[press], oracle[press], evidence[press], distractor[press] = {}, {}, {}, {}
         for x in xs:
             cs = [_get(grid, t, press, x) for t in grid["tasks"]]
             cs = [c for c in cs if c is not None]
@@ -192,15 +192,23 @@ def markdown_report(cells: list[dict], reference: str | None = None) -> tuple[st
             pct = [c["timing"].get("overhead_pct") for c in cs if c["timing"].get("overhead_pct") is not None]
             cov = [c["oracle"]["coverage_mean"] for c in cs if c.get("oracle")]
             ev = [c["evidence"]["recall_mean"] for c in cs if c.get("evidence")]
+            # on the tasks with distractor records only, evidence recall beside it on the same tasks
+            pairs = [(c["evidence"]["recall_mean"], c["evidence"]["distractor_mean"]) for c in cs
+                     if c.get("evidence") and "distractor_mean" in c["evidence"]]
             overhead[press][x] = float(np.mean(ms)) if ms else None
             oracle[press][x] = float(np.mean(cov)) if cov else None
             evidence[press][x] = float(np.mean(ev)) if ev else None
+            distractor[press][x] = ({"evidence": float(np.mean([a for a, _ in pairs])),
+                                     "distractor": float(np.mean([b for _, b in pairs]))} if pairs else None)
             o_row.append("-" if not ms else f"{np.mean(ms):.2f} ({np.mean(pct):+.0f}%)")
             c_row.append(_fmt(oracle[press][x], 3))
             e_row.append(_fmt(evidence[press][x], 3))
+            d = distractor[press][x]
+            d_row.append("-" if d is None else f"{d['evidence']:.3f} / {d['distractor']:.3f}")
         rows_o.append(o_row)
         rows_c.append(c_row)
         rows_e.append(e_row)
+        rows_d.append(d_row)
     if rows_o:
         parts += ["## Eviction overhead: ms per batch above a plain prefill (% of the prefill)", "",
                   _md(rows_o, head), ""]
@@ -210,8 +218,13 @@ def markdown_report(cells: list[dict], reference: str | None = None) -> tuple[st
     if any(v is not None for row in evidence.values() for v in row.values()):
         parts += ["## Evidence recall: share of the answer records' tokens kept by the best KV head "
                   "(mean over layers, samples, tasks)", "", _md(rows_e, head), ""]
+    if any(v is not None for row in distractor.values() for v in row.values()):
+        parts += ["## Answer record vs distractors: evidence recall of the answer records / the same measure on "
+                  "the look-alike records that do not hold the answer (other keys, other tags; the tasks that "
+                  "have them)", "", _md(rows_d, head), ""]
     numbers = {"kind": grid["kind"], "scores": _str_keys(scores), "overhead_ms": _str_keys(overhead),
                "oracle_coverage": _str_keys(oracle), "evidence_recall": _str_keys(evidence),
+               "distractor_recall": _str_keys(distractor),
                "score_interval": _str_keys(intervals)}
     if reference is not None:
         numbers["paired_difference"] = {"reference": reference, **_str_keys(diffs)}

@@ -344,6 +344,8 @@ def _run_batch(model, batch: list[EvalSample], task: EvalTask, press, cfg: EvalC
             kept = [kept_mask(layer_kept[i], n_compressed) for layer_kept in kept_positions]  # per layer [K, n]
             if s.extra.get("evidence_positions"):  # the records lie in the context
                 records[i]["evidence_recall"] = evidence_recall(kept, s.extra["evidence_positions"]).tolist()
+            if s.extra.get("distractor_positions"):  # records that look alike but do not hold the answer
+                records[i]["distractor_recall"] = evidence_recall(kept, s.extra["distractor_positions"]).tolist()
             if labels is not None:
                 # the question (agnostic runs: appended after compression) is always present
                 padded = [np.pad(m, ((0, 0), (0, n_all - n_compressed))) for m in kept]
@@ -398,6 +400,10 @@ def _summary(records: list[dict], timings: list[dict]) -> dict:
     if ev:
         per_layer = np.mean(np.asarray(ev), axis=0)
         out["evidence"] = {"recall_per_layer": per_layer.tolist(), "recall_mean": float(per_layer.mean())}
+        dis = [r["distractor_recall"] for r in records if "distractor_recall" in r]
+        if dis:
+            per_layer = np.mean(np.asarray(dis), axis=0)
+            out["evidence"].update(distractor_per_layer=per_layer.tolist(), distractor_mean=float(per_layer.mean()))
     cov = [r["oracle_coverage"] for r in records if "oracle_coverage" in r]
     if cov:
         per_layer = np.mean(np.asarray(cov), axis=0)

@@ -124,6 +124,7 @@ def synthetic_task(task: str, *, n_samples: int, length: int, seed: int = 0, voc
         extra = {"metric": s.metric, "target": s.target}
         if encoder is None:  # one token per word after BOS: record word offsets are token positions - 1
             extra["evidence_positions"] = evidence_positions(s)
+            extra["distractor_positions"] = evidence_positions(s, answer_bearing=False)
         samples.append(EvalSample(id=f"{task}-{length}-{seed}-{i}", context_ids=enc.prompt, question_ids=enc.question,
                                   answers=tuple(s.references), extra=extra))
         # the target's own length plus room for EOS and a little slack
@@ -132,12 +133,13 @@ def synthetic_task(task: str, *, n_samples: int, length: int, seed: int = 0, voc
                     score=_synthetic_scorer(), decode=decode, eos_token_ids=eos)
 
 
-def evidence_positions(sample) -> list[int]:
+def evidence_positions(sample, answer_bearing: bool = True) -> list[int]:
     """Token positions (built-in vocabulary, BOS at 0) of the records the answer is copied from: the
-    needles whose text holds one of the references (a variable chain's records hold its names)."""
+    needles whose text holds one of the references (a variable chain's records hold its names). With
+    answer_bearing=False, those of the other records instead: the distractors (other keys, other tags)."""
     out = []
     for offset, text in sample.needles:
-        if any(f" {ref} " in f" {text} " for ref in sample.references):  # whole words only
+        if answer_bearing == any(f" {ref} " in f" {text} " for ref in sample.references):  # whole words only
             out.extend(range(1 + offset, 1 + offset + len(text.split())))
     return out
 
