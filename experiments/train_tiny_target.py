@@ -9,8 +9,14 @@ alternating with short copy stages as the learning rate falls. Checkpoints go to
 measures full-KV accuracy per task with `lkv_jax.generate` and writes a Hugging Face directory
 (config.json, model.safetensors, tokenizer.json, README.md model card, accuracy.json) to --out.
 
-    python experiments/train_tiny_target.py                      # the shipped model (~1.4 h on 2 CPU cores)
-    python experiments/train_tiny_target.py --curriculum 128:50:3e-3:8 --out /tmp/tt --workdir /tmp/ttw
+The shipped model took two phases (~2 h on 2 CPU cores; the exact commands are in its model card): the
+default curriculum from scratch (copying, finding records), then, with `--init` on its output, key-value
+recall streams that teach it to match a key among look-alike records (`SECOND_PHASE_CURRICULUM`):
+
+    python experiments/train_tiny_target.py --out runs/tt1 --workdir runs/tt1w                # phase 1, ~83 min
+    python experiments/train_tiny_target.py --init runs/tt1 --warmup 50 --workdir runs/tt2w \\
+        --curriculum "$(python -c 'import lkv_jax.tiny_target as t; print(t.SECOND_PHASE_CURRICULUM)')"  # ~35 min
+    python experiments/train_tiny_target.py --curriculum 128:50:3e-3:8 --out /tmp/tt --workdir /tmp/ttw  # smoke
 """
 
 from __future__ import annotations
@@ -96,7 +102,7 @@ def main(argv=None) -> int:
         command = (workdir / "command.txt").read_text().strip()
     note = trainer.restore(ckpt)
     print(f"{trainer.model.num_params()} parameters; "
-          + (f"resumed at step {note['step']}" if note else "starting from scratch"), flush=True)
+          + (f"resumed at step {note['step']}" if note else f"starting from {args.init or 'scratch'}"), flush=True)
 
     def batches(step, stage):
         # the data of a step depends only on (seed, step): a resumed run sees what the first run would have
