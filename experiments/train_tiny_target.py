@@ -1,4 +1,4 @@
-"""Train the project's tiny target model from scratch on the synthetic long-context tasks and ship it.
+"""Train the project's tiny target model on the synthetic tasks (from scratch or from given weights), ship it.
 
 A small Llama-architecture model (default: hidden 128, 4 layers, 4 query / 2 KV heads, ~0.9M parameters)
 learns associative recall from densely supervised sequences (`lkv_jax.data.training_stream`): first plain
