@@ -214,18 +214,8 @@ def test_training_stream_supervises_exactly_the_answers():
         ids, w = training_sequence(np.random.default_rng(seed), 768, v)
         assert ids.shape == w.shape == (769,) and ids[0] == v.bos_id
         words = v.decode(ids, skip_special=False).split()
-        expected = np.zeros_like(w)
-        for i in [j for j, x in enumerate(words) if x == "?"]:
-            if ":" not in words[i:]:
-                break  # a question cut by the end of the sequence
-            colon = words.index(":", i)
-            question = " ".join(words[i:colon + 1])
-            end = words.index("<eos>", colon) if "<eos>" in words[colon:] else len(words)
-            answer = words[colon + 1:end]
-            truth = solve(words[:i], question).split()
-            assert answer == (truth if end < len(words) else truth[:len(answer)])
-            expected[colon + 1:end + 1] = 1.0
-            kinds[words[i + 1]] += 1
+        expected, questions = _check_answers(words)
+        kinds.update(words[i + 1] for i, _ in questions)
         # the other supervised words are repeats of earlier value-word spans, word for word from the span start
         rest = (w > 0) & (expected == 0)
         kinds["copy"] += _check_copies(words, rest)
@@ -243,28 +233,29 @@ def test_haystack_sequences_ask_about_records_hidden_in_filler():
         first_q = words.index("?")
         assert first_q >= 0.6 * 512 and w[:first_q].sum() == 0  # context first, nothing supervised in it
         assert sum(x in FILLER for x in words[:first_q]) > 0.4 * first_q  # a haystack, not a record list
-        expected, n = _check_haystack_answers(words, first_q)
+        expected, questions = _check_answers(words, first_q)
         np.testing.assert_array_equal(w, expected)
-        n_questions += n
+        n_questions += len(questions)
     assert n_questions > 40
 
 
-def _check_haystack_answers(words: list[str], first_q: int) -> tuple[np.ndarray, int]:
-    """Assert that every answer after the context (words[:first_q]) is the solver's (a prefix of it where
-    the sequence ends); return the loss weights the answers should carry and the number of questions."""
+def _check_answers(words: list[str], context_end: int | None = None) -> tuple[np.ndarray, list]:
+    """Assert that every answer is the solver's reading of the words before its question (of the context
+    words[:context_end] when given: a haystack's), a prefix of it where the sequence ends; return the loss
+    weights the answers should carry and, per question, (its index, the solver's answer words)."""
     expected = np.zeros(len(words), np.float32)
-    n_questions = 0
+    questions = []
     for i in [j for j, x in enumerate(words) if x == "?"]:
         if ":" not in words[i:]:
-            break
+            break  # a question cut by the end of the sequence
         colon = words.index(":", i)
         end = words.index("<eos>", colon) if "<eos>" in words[colon:] else len(words)
-        truth = solve(words[:first_q], " ".join(words[i:colon + 1])).split()
+        truth = solve(words[:i if context_end is None else context_end], " ".join(words[i:colon + 1])).split()
         answer = words[colon + 1:end]
         assert answer == (truth if end < len(words) else truth[:len(answer)])
         expected[colon + 1:end + 1] = 1.0
-        n_questions += 1
-    return expected, n_questions
+        questions.append((i, truth))
+    return expected, questions
 
 
 def test_distinct_haystacks_use_each_value_word_once_and_answer_right():
@@ -281,7 +272,7 @@ def test_distinct_haystacks_use_each_value_word_once_and_answer_right():
                 assert max(counts.values()) == 1  # no value word in two records (or twice in one)
             else:
                 repeated += max(counts.values()) > 1
-            expected, _ = _check_haystack_answers(words, first_q)
+            expected, _ = _check_answers(words, first_q)
             np.testing.assert_array_equal(w, expected)
     assert repeated >= 5  # without the option, repeats are the rule: the test can tell the difference
     # the option is off by default (that p_distinct=0 draws what the stream drew before the option existed,
@@ -298,16 +289,8 @@ def test_recall_streams_ask_keys_among_many_records():
         for seed in range(8):
             ids, w = training_sequence(np.random.default_rng(seed), 256, v, p_recall=1.0, recall_words=recall_words)
             words = v.decode(ids, skip_special=False).split()
-            expected = np.zeros_like(w)
-            for i in [j for j, x in enumerate(words) if x == "?"]:
-                if ":" not in words[i:]:
-                    break
-                colon = words.index(":", i)
-                end = words.index("<eos>", colon) if "<eos>" in words[colon:] else len(words)
-                truth = solve(words[:i], " ".join(words[i:colon + 1])).split()  # the brute-force reader
-                answer = words[colon + 1:end]
-                assert answer == (truth if end < len(words) else truth[:len(answer)])
-                expected[colon + 1:end + 1] = 1.0
+            expected, questions = _check_answers(words)  # every answer is the brute-force reader's
+            for i, truth in questions:
                 n_records.append(sum(x == "key" and words[k - 1] != "?" for k, x in enumerate(words[:i])))
                 n_keys_asked.add(words[i + 2])
                 lengths.add(len(truth))
