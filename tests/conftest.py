@@ -1,8 +1,12 @@
-"""Shared fixtures: tiny random Hugging Face models built in-process (no network) and saved to tmp_path."""
+"""Shared fixtures: tiny random Hugging Face models built in-process (no network) and saved to tmp_path, and
+the experiment scripts loaded as modules."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 # 8 fake CPU devices for the sharding tests; must be set before jax starts
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -55,3 +59,18 @@ def tiny_llama(tmp_path):
 @pytest.fixture
 def rng():
     return np.random.RandomState(0)
+
+
+@pytest.fixture
+def experiment_script():
+    """load(name) -> the module experiments/<name>.py (scripts are files, not a package)."""
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+
+    return load

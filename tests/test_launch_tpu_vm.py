@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shlex
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _launcher():
-    spec = importlib.util.spec_from_file_location("launch_tpu_vm", ROOT / "experiments" / "launch_tpu_vm.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_dry_run_prints_the_full_plan(capsys):
-    rc = _launcher().main(["--name", "lkv", "--zone", "us-east5-a", "--accelerator", "v5p-32",
-                           "--checkpoint", "gs://bkt/ckpt", "--data", "gs://bkt/labels", "--dry-run", "--",
-                           "experiments/train_lookahead.py", "--steps", "100"])
+def test_dry_run_prints_the_full_plan(capsys, experiment_script):
+    launcher = experiment_script("launch_tpu_vm")
+    rc = launcher.main(["--name", "lkv", "--zone", "us-east5-a", "--accelerator", "v5p-32",
+                        "--checkpoint", "gs://bkt/ckpt", "--data", "gs://bkt/labels", "--dry-run", "--",
+                        "experiments/train_lookahead.py", "--steps", "100"])
     assert rc == 0
     lines = [shlex.split(x) for x in capsys.readouterr().out.splitlines() if x and not x.startswith("#")]
     assert lines[0][:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"]
@@ -36,18 +27,17 @@ def test_dry_run_prints_the_full_plan(capsys):
     assert "LKV_DISTRIBUTED=1" in run and run.endswith(".venv/bin/python experiments/train_lookahead.py --steps 100")
 
 
-def test_mount_and_reuse(capsys):
-    _launcher().main(["--name", "x", "--zone", "z", "--checkpoint", "gs://bkt/ck", "--mount", "--skip-create",
-                      "--skip-setup", "--project", "p", "--dry-run", "--", "experiments/eval.py"])
+def test_mount_and_reuse(capsys, experiment_script):
+    launcher = experiment_script("launch_tpu_vm")
+    launcher.main(["--name", "x", "--zone", "z", "--checkpoint", "gs://bkt/ck", "--mount", "--skip-create",
+                   "--skip-setup", "--project", "p", "--dry-run", "--", "experiments/eval.py"])
     out = capsys.readouterr().out
     assert "create" not in out and "git archive" not in out
     assert "gcsfuse --implicit-dirs bkt" in out and "--project=p" in out
 
 
-def test_ready_configs_expand_to_lkv_commands(capsys):
-    spec = importlib.util.spec_from_file_location("run_config", ROOT / "experiments" / "run_config.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_ready_configs_expand_to_lkv_commands(capsys, experiment_script):
+    module = experiment_script("run_config")
     configs = sorted((ROOT / "experiments" / "configs").glob("*.json"))
     assert {c.stem for c in configs} >= {"llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "qwen3-1.7b", "qwen3-4b",
                                          "qwen3-8b"}
@@ -67,10 +57,8 @@ def test_ready_configs_expand_to_lkv_commands(capsys):
             build_parser().parse_args(argv)
 
 
-def test_run_config_mesh_reaches_lkv_train(capsys):
-    spec = importlib.util.spec_from_file_location("run_config", ROOT / "experiments" / "run_config.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_run_config_mesh_reaches_lkv_train(capsys, experiment_script):
+    module = experiment_script("run_config")
     assert module.main([str(ROOT / "experiments" / "configs" / "llama-3.1-8b.json"), "train", "--mesh", "4,4,1",
                         "--dry-run"]) == 0
     train = shlex.split(capsys.readouterr().out)

@@ -150,18 +150,12 @@ def test_shipped_model_matches_transformers():
     np.testing.assert_allclose(got, expected, atol=2e-4, rtol=1e-4)
 
 
-def test_second_phase_starts_from_the_given_weights_and_records_both_commands(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
+def test_second_phase_starts_from_the_given_weights_and_records_both_commands(tmp_path, experiment_script):
     from lkv_jax import load_hf
     from lkv_jax.checkpoint.hf import save_hf
     from lkv_jax.tiny_target import training_commands
 
-    spec = importlib.util.spec_from_file_location(
-        "train_tiny_target", Path(__file__).parents[1] / "experiments" / "train_tiny_target.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = experiment_script("train_tiny_target")
     small = ["--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--eval-lengths", "200",
              "--eval-samples", "1"]
     one = [*small, "--curriculum", "64:2:1e-3:2", "--workdir", str(tmp_path / "w1"), "--out", str(tmp_path / "one")]
