@@ -321,6 +321,44 @@ def test_label_dataset_resumable_and_matches_generate(tiny, tmp_path):
         make_label_dataset(model, prompts, out, max_new_tokens=9, batch_size=2, progress=False)
 
 
+def test_label_dataset_reads_one_header_at_a_time(tiny, tmp_path, monkeypatch):
+    """grain reads samples from several threads; numpy parses .npy headers with ast.literal_eval, which
+    CPython 3.11 cannot run concurrently (a training run died of it). The reader must serialise them."""
+    import ast
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, model = tiny
+    rs = np.random.RandomState(7)
+    prompts = [list(rs.randint(3, 128, n)) for n in (5, 9, 6, 11)]
+    make_label_dataset(model, prompts, tmp_path / "ds", max_new_tokens=3, batch_size=4, progress=False)
+    ds = LabelDataset(tmp_path / "ds")
+    want = [ds[i] for i in range(len(ds))]
+    inside, most, guard = [0], [0], threading.Lock()
+    parse = ast.literal_eval
+
+    def slow_parse(text):  # widens the window in which two parses would overlap
+        with guard:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.002)
+        try:
+            return parse(text)
+        finally:
+            with guard:
+                inside[0] -= 1
+
+    monkeypatch.setattr(ast, "literal_eval", slow_parse)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: ds[i % len(ds)], range(24)))
+    assert most[0] == 1
+    for i, s in enumerate(got):
+        w = want[i % len(ds)]
+        assert s["prompt_ids"].tolist() == w["prompt_ids"].tolist()
+        assert s["labels"].dtype == np.float32 and np.array_equal(s["labels"], w["labels"])
+
+
 def test_make_labels_cli(tiny, tmp_path):
     from conftest import save_hf_model
 

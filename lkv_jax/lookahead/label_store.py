@@ -15,11 +15,17 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
 
 LABEL_DTYPES = ("float32", "float16")
+
+# np.load parses each .npy header with ast.literal_eval, and CPython 3.11's AST construction is not
+# thread-safe: grain's reader threads occasionally died with "SystemError: AST constructor recursion depth
+# mismatch" (CPython gh-106905). Reads are small; one at a time costs little.
+_READ_LOCK = threading.Lock()
 
 
 def read_prompts(path, tokenizer_path=None) -> list[list[int]]:
@@ -109,9 +115,10 @@ class LabelDataset:
         i = int(i)
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} out of range [0, {len(self)})")
-        with np.load(sample_path(self.dir, i)) as z:
-            return {"prompt_ids": z["prompt_ids"], "response_ids": z["response_ids"],
-                    "labels": z["labels"].astype(np.float32)}
+        with _READ_LOCK, np.load(sample_path(self.dir, i)) as z:
+            sample = {"prompt_ids": z["prompt_ids"], "response_ids": z["response_ids"], "labels": z["labels"]}
+        sample["labels"] = sample["labels"].astype(np.float32)
+        return sample
 
     @property
     def prompt_lengths(self) -> np.ndarray:
