@@ -178,6 +178,22 @@ def test_random_adapter_leaves_prompt_bit_identical(tiny):
     np.testing.assert_array_equal(np.asarray(out.logits), np.asarray(ref.logits))
 
 
+def test_budget_at_least_prompt_generates_like_full_kv(tiny):
+    """Nothing evicted: generation after LookaheadKV equals the plain model's, token for token. Decoding
+    continues at the prompt's next position; the lookahead suffix the scoring appended is gone (a cache
+    that kept the suffix's positions decoded every token n_lookahead positions too far)."""
+    _, model = tiny
+    ad = random_adapter(model.config)
+    ids = np.random.RandomState(3).randint(3, 128, (2, 19))
+    mask = np.ones_like(ids)
+    mask[0, :6] = 0
+    press = LookaheadKVPress(ad, budget=ids.shape[1] + 5)
+    out = lkv_jax.compress(model, ids, press, attention_mask=mask)
+    np.testing.assert_array_equal(np.asarray(out.cache.next_position), mask.sum(1))
+    full = lkv_jax.generate(model, ids, 8, attention_mask=mask)
+    np.testing.assert_array_equal(lkv_jax.generate(model, ids, 8, press=press, attention_mask=mask), full)
+
+
 def test_safetensors_round_trip_and_mismatch(tiny, tmp_path):
     from safetensors import safe_open
 

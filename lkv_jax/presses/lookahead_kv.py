@@ -82,4 +82,8 @@ class LookaheadKVPress(BasePress):
             s = pool_scores(jnp.where(prompt_slot, s, 0.0), self.pooling, int(self.kernel_size))
             scores.append(s if kv else reduce_gqa(s, K, self.gqa_reduction))
             protected.append(jnp.zeros(scores[-1].shape, bool))
-        return Scored(cache=g.cache, logits=logits, scores=tuple(scores), protected=tuple(protected))
+        # decoding continues right after the prompt (the paper: the lookahead tokens are dropped), not after
+        # the lookahead suffix the glimpse appended: otherwise every generated token sits n_lookahead
+        # positions too far
+        cache = dataclasses.replace(g.cache, next_position=cache.next_position)
+        return Scored(cache=cache, logits=logits, scores=tuple(scores), protected=tuple(protected))
