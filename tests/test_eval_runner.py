@@ -134,6 +134,11 @@ def test_runner_end_to_end_writes_cells_table_plots_and_resumes(tiny, tmp_path, 
     again = run_eval(model, [task], cfg, tmp_path, progress=False)
     assert [c["score"] for c in again] == [c["score"] for c in cells]
     assert {p: p.stat().st_mtime_ns for p in before} == before
+    # cells written before a change of the results version are recomputed
+    monkeypatch.setattr(runner_mod, "RESULTS_VERSION", runner_mod.RESULTS_VERSION + 1)
+    with pytest.raises(AssertionError, match="recomputed"):
+        run_eval(model, [task], cfg, tmp_path, progress=False)
+    monkeypatch.setattr(runner_mod, "RESULTS_VERSION", runner_mod.RESULTS_VERSION - 1)
     # other inputs under the same task name (another seed) are not mistaken for the finished cells
     with pytest.raises(AssertionError, match="recomputed"):
         run_eval(model, [make_task(hf, seed=5)], cfg, tmp_path, progress=False)

@@ -195,6 +195,12 @@ def adapter_fingerprint(adapter) -> str | None:
     return h.hexdigest()[:16]
 
 
+# Part of every cell's fingerprint: bump it when a change alters what a press keeps or how the answers are
+# decoded, so that cells computed before are recomputed, not reused. 2: LookaheadKV had decoded every token
+# n_lookahead positions too far.
+RESULTS_VERSION = 2
+
+
 def _read_complete(path: Path, fingerprint: dict) -> dict | None:
     if not path.is_file():
         return None
@@ -421,7 +427,7 @@ def run_cell(model, task: EvalTask, press_spec: PressSpec | None, setting: Setti
     path = cell_path(out_dir, label, setting_label, task.name)
     # what makes a finished cell reusable: same inputs, mode, model and (LookaheadKV) adapter
     uses_adapter = press_spec is not None and press_spec.needs_adapter
-    fingerprint = {"fingerprint": task_fingerprint(task), "mode": cfg.mode,
+    fingerprint = {"fingerprint": task_fingerprint(task), "results_version": RESULTS_VERSION, "mode": cfg.mode,
                    "model_fingerprint": model_fp if model_fp is not None else model_fingerprint(model),
                    "adapter_fingerprint": adapter_fingerprint(adapter) if uses_adapter else None}
     done = _read_complete(path, fingerprint)
