@@ -29,8 +29,10 @@ from lkv_jax.selection import compact_cache, select_slots
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Scored:
-    """cache: the prompt's cache (slots past the prompt may hold a scoring suffix: never selected).
-    logits: float32 [B, V] of the last prompt token. scores / protected: per layer [B, K, S]."""
+    """cache: the prompt's cache (slots past the prompt may hold a scoring suffix: never selected); its
+    next_position is the prompt's, since decoding continues right after the prompt (a press that appended a
+    suffix resets it, as SpecKV and LookaheadKV do). logits: float32 [B, V] of the last prompt token.
+    scores / protected: per layer [B, K, S]."""
 
     cache: KVCache
     logits: jax.Array
