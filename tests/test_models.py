@@ -99,3 +99,47 @@ def test_mistral_sliding_window_shorter_than_sequence_is_an_error(tmp_path):
     lkv_jax.forward(model, np.arange(3, 19)[None])  # 16 tokens fit the window: same results
     with pytest.raises(lkv_jax.UnsupportedModelError, match="sliding_window=16"):
         lkv_jax.forward(model, np.arange(3, 40)[None])
+
+
+def test_training_forward_matches_transformers_over_query_blocks(tmp_path, rng):
+    """forward_dense_pure (the training forward) at 300 tokens: three query blocks of 128, the last one
+    partial, each attending only to the keys before its end."""
+    from lkv_jax.inference import forward_dense_pure
+
+    hf = _randomize_norms_and_biases(build_hf_model("llama"))
+    model = lkv_jax.load_hf(save_hf_model(hf, tmp_path / "m"), dtype="float32")
+    ids = rng.randint(3, 128, size=(2, 300))
+    assert np.abs(np.asarray(forward_dense_pure(model, ids)) - _hf_logits(hf, ids)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("block", [4, 7, 64])
+def test_dense_causal_attention_and_its_gradients_match_torch(block, rng):
+    """Outputs and q/k/v gradients against torch's scaled_dot_product_attention with the same causal and
+    padding mask (GQA heads expanded), for blocks that divide T, do not, and exceed it."""
+    import jax
+    import jax.numpy as jnp
+
+    from lkv_jax.attention import dense_causal_attention
+
+    B, T, N, K, H = 2, 23, 4, 2, 8
+    q, k, v, r = (rng.randn(B, T, n, H).astype(np.float32) for n in (N, K, K, N))
+    valid = np.ones((B, T), bool)
+    valid[1, :5] = False  # left padding
+
+    def ours(q, k, v):
+        return (dense_causal_attention(q, k, v, jnp.asarray(valid), block=block) * r).sum()
+
+    val, grads = jax.value_and_grad(ours, argnums=(0, 1, 2))(q, k, v)
+
+    tq, tk, tv = (torch.tensor(x, requires_grad=True) for x in (q, k, v))
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool))[None, None] & torch.tensor(valid)[:, None, None, :]
+    rows = mask.any(-1, keepdim=True)  # padded query rows see no key: ours gives 0 there
+    out = torch.nn.functional.scaled_dot_product_attention(
+        tq.transpose(1, 2), tk.repeat_interleave(N // K, 2).transpose(1, 2),
+        tv.repeat_interleave(N // K, 2).transpose(1, 2), attn_mask=mask | ~rows)
+    out = torch.where(rows, out, 0.0).transpose(1, 2)
+    ref = (out * torch.tensor(r)).sum()
+    ref.backward()
+    assert abs(float(val) - ref.item()) <= 1e-3
+    for g, t in zip(grads, (tq, tk, tv), strict=True):
+        assert np.abs(np.asarray(g) - t.grad.numpy()).max() <= 1e-4
