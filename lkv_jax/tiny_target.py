@@ -143,7 +143,8 @@ seed 1234; score = RULER string_match_all x 100, exact = whole answer right):
 
 {accuracy_table(results)}
 
-Load it with `lkv_jax.load_hf("{directory.name}")` and `lkv_jax.data.vocab.load_vocab("{directory.name}")`.
+Load it with `lkv_jax.load_hf(path)` and `lkv_jax.data.vocab.load_vocab(path)`, `path` being this directory
+(`lkv_jax.tiny_target.ASSET_DIR` for the copy shipped in the package).
 {notes}"""
     (directory / "README.md").write_text(card)
     return directory
