@@ -1,22 +1,21 @@
 """Train the project's tiny target model on the synthetic tasks (from scratch or from given weights), ship it.
 
 A small Llama-architecture model (default: hidden 128, 4 layers, 4 query / 2 KV heads, ~0.9M parameters)
-learns associative recall from densely supervised sequences (`lkv_jax.data.training_stream`): first plain
-copies on a 16-word alphabet (induction heads form there), then plain copies of the whole alphabet, then
-the whole task grammar through a length curriculum 128 -> 256 -> 512 -> 1024, 1,024-token haystacks
-alternating with short copy stages as the learning rate falls. Checkpoints go to --workdir every
---checkpoint-every steps; rerunning the same command continues from the last one. At the end the script
-measures full-KV accuracy per task with `lkv_jax.generate` and writes a Hugging Face directory
-(config.json, model.safetensors, tokenizer.json, README.md model card, accuracy.json) to --out.
+learns associative recall from densely supervised sequences (`lkv_jax.data.training_stream`) through the
+default curriculum (`lkv_jax.tiny_target.DEFAULT_CURRICULUM`): plain copies on a 16-word alphabet
+(induction heads form there), then of the whole alphabet; then the task grammar through a length curriculum
+256 -> 512 -> 1024, 1,024-token haystacks alternating with a short stage as the learning rate falls; then
+key-value recall streams with one-word values that teach it to match a key among look-alike records, and
+longer values and haystacks again. Checkpoints go to --workdir every --checkpoint-every steps; rerunning
+the same command continues from the last one. At the end the script measures full-KV accuracy per task
+with `lkv_jax.generate` and writes a Hugging Face directory (config.json, model.safetensors,
+tokenizer.json, README.md model card, accuracy.json, provenance.json) to --out.
 
-The shipped model took two phases (~2 h on 2 CPU cores; the exact commands are in its model card): the
-default curriculum from scratch (copying, finding records), then, with `--init` on its output, key-value
-recall streams that teach it to match a key among look-alike records (`SECOND_PHASE_CURRICULUM`):
-
-    python experiments/train_tiny_target.py --out runs/tt1 --workdir runs/tt1w                # phase 1, ~83 min
-    python experiments/train_tiny_target.py --init runs/tt1 --warmup 50 --workdir runs/tt2w \\
-        --curriculum "$(python -c 'import lkv_jax.tiny_target as t; print(t.SECOND_PHASE_CURRICULUM)')"  # ~35 min
+    python experiments/train_tiny_target.py --eval-samples 24 --out runs/tt --workdir runs/ttw   # 60 min on 2 cores
     python experiments/train_tiny_target.py --curriculum 128:50:3e-3:8 --out /tmp/tt --workdir /tmp/ttw  # smoke
+
+The shipped model is the first command's output (its exact command is in its model card). `--init` starts
+from an exported model's weights instead (a second phase; its card then lists both commands).
 """
 
 from __future__ import annotations

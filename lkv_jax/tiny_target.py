@@ -18,23 +18,22 @@ from lkv_jax.data.synthetic import TASKS, encode_builtin, generate_samples
 from lkv_jax.models.transformer import Transformer
 
 ASSET_DIR = Path(__file__).parent / "assets" / "tiny_target"
-# the shipped model's curriculum, length:steps:lr:batch[:symbols[:copy[:haystack[:distinct]]]]
-# (lkv_jax.pretraining): pure copies on a 16-word alphabet only until induction heads form (on the whole
-# alphabet they do not form in 1,000 steps), then at once pure copies of the whole alphabet (a warm-up kept
-# on few words leaves those words copied better than the rest for thousands of steps), then 256-token copy
-# stages alternating with 1,024-token benchmark-shaped haystacks at falling learning rates. ~83 min on 2
-# CPU cores; full-KV average 34.9 at 1,024 tokens (the shipped model's first phase, model card).
+# the shipped model's curriculum, length:steps:lr:batch[:symbols[:copy[:haystack[:distinct]]]][:name=value]
+# (lkv_jax.pretraining), one command, 60 min on 2 CPU cores (model card). Three parts:
+# - copying: pure copies on a 16-word alphabet only until induction heads form (on the whole alphabet they
+#   do not form in 1,000 steps), then at once pure copies of the whole alphabet (a warm-up kept on few words
+#   leaves those words copied better than the rest for thousands of steps);
+# - finding records: 256/512-token copies and benchmark-shaped haystacks, then 1,024-token haystacks
+#   alternating with a 256-token stage as the learning rate falls;
+# - matching keys: key-value recall streams with one-word values (every supervised word is then a key match:
+#   without them the model copied whatever follows a `:`, picking a random record among look-alike ones,
+#   niah_multikey at chance), then longer values, haystacks and copies mixed back in.
 DEFAULT_CURRICULUM = (
     "128:300:3e-3:16:16:0.8,128:400:3e-3:16:0:0.8,256:500:2e-3:16:0:0.6:0.3,512:500:1.5e-3:8:0:0.3:0.6,"
     "1024:600:8e-4:4:0:0.1:0.9,256:400:6e-4:16:0:0.6:0.5,1024:600:4e-4:4:0:0.1:0.9,"
-    "256:300:3e-4:16:0:0.6:0.5,1024:500:2e-4:4:0:0.1:0.9"
+    "64:2000:1e-3:32:recall=1:recall_words=1,256:600:6e-4:16:copy=0.2:haystack=0.5:recall=0.5,"
+    "1024:600:3e-4:4:copy=0.1:haystack=0.9:recall=0.2"
 )
-# the shipped model's second phase, from the first one's weights (--init): key-value recall streams with one-word
-# values first (every supervised word is then a key match: the first phase copied whatever follows a `:`, picking
-# a random record among look-alike ones), then longer values, haystacks and copies mixed back in. ~35 min;
-# niah_multikey 29.2 -> 62.5 at 1,024 tokens (model card).
-SECOND_PHASE_CURRICULUM = ("64:2000:1e-3:32:recall=1:recall_words=1,256:600:6e-4:16:copy=0.2:haystack=0.5:recall=0.5,"
-                           "1024:600:3e-4:4:copy=0.1:haystack=0.9:recall=0.2")
 EVAL_TASKS = tuple(TASKS)
 
 

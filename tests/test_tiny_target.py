@@ -11,7 +11,7 @@ from lkv_jax.pretraining import Stage, Trainer, learning_rate, parse_curriculum,
 
 # the shipped model's mean string_match_all on the fixed samples below, measured when it was trained, with
 # a margin; see lkv_jax/assets/tiny_target/README.md for its full-KV accuracies per task
-SHIPPED_THRESHOLD = 0.42  # measured 0.50 (its first phase alone: 0.40; the previous models: 0.43, 0.39, 0.26)
+SHIPPED_THRESHOLD = 0.45  # measured 0.54 (the previous models: 0.50, 0.40, 0.43, 0.39, 0.26)
 
 
 def _tiny(seed=0):
