@@ -149,4 +149,4 @@ def dense_causal_attention(q, k, v, valid, block: int = 128):
         mask = causal[None, None, None] & valid[:, None, None, None, :end]
         out, _ = attention_with_probs(q[:, start:end], kk[:, :, :end], vv[:, :, :end], mask)
         outs.append(out)
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    return jnp.concatenate(outs, axis=1)
