@@ -119,18 +119,56 @@ class PrefillObserver:
         raise NotImplementedError
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PromptPrefix:
+    """The keys and values of a prompt batch's first `length` slots, per layer [B, K, length, H].
+
+    By causality they do not depend on anything after `length`, so every press that prefills the same
+    batch (SnapKV stops before its window, LookaheadKV prefills it all) can start from them and compute
+    only the rest: the evaluation grid prefills each batch once for all its presses and budgets."""
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    length: int = dataclasses.field(metadata={"static": True})
+
+
+def prompt_prefix_pure(model: Transformer, prompt_ids, valid, positions, *, chunk: int, length: int) -> PromptPrefix:
+    """Prefill a prompt batch (as `prefill_pure`) and keep its first `length` slots as a `PromptPrefix`."""
+    T = prompt_ids.shape[1]
+    head = valid & (jnp.arange(T) < length)[None]
+    cache, _ = prefill_pure(model, prompt_ids, head, positions, chunk=chunk, capacity=T)
+    cut = lambda bufs: tuple(b[:, :, :length] for b in bufs)
+    return PromptPrefix(keys=cut(cache.keys), values=cut(cache.values), length=length)
+
+
 def prefill_pure(model: Transformer, prompt_ids, valid, positions, *, chunk: int, capacity: int,
-                 all_logits: bool = False, observe: PrefillObserver | None = None):
+                 all_logits: bool = False, observe: PrefillObserver | None = None,
+                 prefix: PromptPrefix | None = None):
     """Fill an empty cache of `capacity` slots with a left-padded prompt, `chunk` tokens at a time.
 
     prompt_ids/valid/positions [B, T] with T a multiple of chunk. Returns (cache, logits) with logits
     float32 [B, T, V] if all_logits else [B, V] for the last token. With an `observe` observer
     (default off) it returns (cache, logits, states): the observer's final state per layer.
+
+    prefix: the first `prefix.length` slots of this same batch, already computed (`prompt_prefix_pure`):
+    they are copied in and only slots [prefix.length, T) are computed, as one query block (not with
+    `observe` or `all_logits`, which need every query).
     """
     cfg = model.config
     B, T = prompt_ids.shape
-    n_chunks = T // chunk
+    start = 0 if prefix is None else prefix.length
+    if prefix is not None and (observe is not None or all_logits or not 0 < start < T):
+        raise ValueError(f"a prefix of {start} slots serves a {T}-slot prompt without observe / all_logits")
+    # queries per scan step: `chunk`, or the whole part after a given prefix in one step
+    step_len = chunk if prefix is None else T - start
+    n_chunks = (T - start) // step_len
     cache = KVCache.empty(cfg.num_hidden_layers, B, cfg.num_key_value_heads, capacity, cfg.head_dim, model.dtype)
+    keys0, values0 = cache.keys, cache.values
+    if prefix is not None:
+        fill = lambda bufs, pre: tuple(jax.lax.dynamic_update_slice_in_dim(b, p.astype(b.dtype), 0, 2)
+                                       for b, p in zip(bufs, pre, strict=True))
+        keys0, values0 = fill(keys0, prefix.keys), fill(values0, prefix.values)
     key_valid = jnp.zeros((B, capacity), bool).at[:, :T].set(valid)
     inv_freq = model.inv_freq
     observed = () if observe is None else tuple(observe.init(model, B, capacity) for _ in model.layers)
@@ -138,36 +176,37 @@ def prefill_pure(model: Transformer, prompt_ids, valid, positions, *, chunk: int
     def step(carry, xs):
         keys, values, obs = carry
         i, ids_c, pos_c, valid_c = xs
+        q0 = start + i * step_len  # the slot of this step's first query
         x = model.embed_tokens(ids_c)
         keys, values, obs = list(keys), list(values), list(obs)
         last = len(model.layers) - 1
         for l, layer in enumerate(model.layers):
             q, k, v = layer.qkv(x, pos_c, inv_freq)
             put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
-                buf, jnp.swapaxes(new, 1, 2).astype(buf.dtype), i * chunk, 2)
+                buf, jnp.swapaxes(new, 1, 2).astype(buf.dtype), q0, 2)
             keys[l], values[l] = put(keys[l], k), put(values[l], v)
             if observe is not None:
-                attn, stats = blockwise_causal_attention(q, keys[l], values[l], key_valid, i * chunk, chunk,
+                attn, stats = blockwise_causal_attention(q, keys[l], values[l], key_valid, q0, chunk,
                                                          return_stats=True)
                 obs[l] = observe.update(l, obs[l], PrefillChunk(x, q, k, v, pos_c, valid_c, keys[l], key_valid,
-                                                                i * chunk, chunk, stats))
+                                                                q0, chunk, stats))
                 if l == last and not all_logits:
                     x, attn = x[:, -1:], attn[:, -1:]
             elif l == last and not all_logits:
                 # nothing reads the last layer's output but the last token's logits: its attention and
                 # o/MLP projections are needed for that one query only (its keys/values are cached above)
                 x = x[:, -1:]
-                attn = blockwise_causal_attention(q[:, -1:], keys[l], values[l], key_valid, i * chunk + chunk - 1,
+                attn = blockwise_causal_attention(q[:, -1:], keys[l], values[l], key_valid, q0 + step_len - 1,
                                                   chunk)
             else:
-                attn = blockwise_causal_attention(q, keys[l], values[l], key_valid, i * chunk, chunk)
+                attn = blockwise_causal_attention(q, keys[l], values[l], key_valid, q0, chunk)
             x = layer.finish(x, attn)
         out = model.logits(x) if all_logits else model.logits(x)[:, 0]
         return (tuple(keys), tuple(values), tuple(obs)), out
 
-    split = lambda a: a.reshape(B, n_chunks, chunk).swapaxes(0, 1)
+    split = lambda a: a[:, start:].reshape(B, n_chunks, step_len).swapaxes(0, 1)
     (keys, values, observed), logits = jax.lax.scan(
-        step, (cache.keys, cache.values, observed),
+        step, (keys0, values0, observed),
         (jnp.arange(n_chunks), split(prompt_ids), split(positions), split(valid)))
     if all_logits:
         logits = logits.swapaxes(0, 1).reshape(B, T, -1)

@@ -6,14 +6,14 @@ by file name, every second one (index 1, 3, 5, ...) is in the evaluation half, t
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 from lkv_jax.data.installed import essay_dir
 
 SPLITS = ("train", "eval")
 
 
-@lru_cache(maxsize=None)
+@cache
 def essay_names(split: str) -> tuple[str, ...]:
     """File stems of one half, sorted."""
     if split not in SPLITS:
@@ -22,7 +22,7 @@ def essay_names(split: str) -> tuple[str, ...]:
     return tuple(n for i, n in enumerate(names) if (i % 2 == 1) == (split == "eval"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_essays(split: str) -> tuple[str, ...]:
     """The essays' texts of one half, in `essay_names(split)` order (UTF-8, as shipped)."""
     d = essay_dir()

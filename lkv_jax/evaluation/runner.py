@@ -11,6 +11,11 @@ Batches are left-padded to a multiple of `pad_multiple` tokens and filled up to 
 (repeating a real row, whose output is dropped) so a task compiles a handful of shapes, not one per
 sample. Query-aware mode compresses context + question; question-agnostic mode compresses the context
 alone, appends the question on the compressed cache (a glimpse with append) and then generates.
+
+The press cells of a task run batch by batch, all of them on each batch: the batch's prompt is prefilled
+once (`compression.shared_prefix`, every slot but the last `prefix_tail`) and every press and budget
+starts from it, so a grid of P presses x S budgets costs about one prefill per batch, not P x S. Batches
+whose eviction overhead is timed run the whole `compress` instead, so the overhead is the one a user sees.
 """
 
 from __future__ import annotations
@@ -30,11 +35,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lkv_jax.compression import compress
+from lkv_jax.compression import compress_prompt, shared_prefix
 from lkv_jax.evaluation.oracle import coverage, evidence_recall, kept_mask, response_labels, slots_to_positions
 from lkv_jax.evaluation.tasks import EvalSample, EvalTask
-from lkv_jax.inference import DEFAULT_CHUNK, glimpse, prefill, prepare_prompt
+from lkv_jax.inference import DEFAULT_CHUNK, PromptPrefix, glimpse, prefill, prepare_prompt
 from lkv_jax.lookahead.labels import pad_left, pad_right
+from lkv_jax.presses.base import accepts_prefix
 
 FULL_KV = "fullkv"
 MODES = ("query-aware", "question-agnostic")
@@ -115,7 +121,9 @@ class EvalConfig:
     "question-agnostic" (kvpress's default); oracle: coverage diagnostics (needs FullKV responses);
     measure_overhead: time compress against a plain prefill of the same batch (best of
     `timing_repeats` runs each, after a warm-up run per new shape) on the first `timing_batches`
-    batches of each cell (0: every batch)."""
+    batches of each cell (0: every batch). share_prefill: prefill each batch once for every press and
+    budget (all slots but the last `prefix_tail`, at least the largest press window); False runs each
+    cell's own `compress` (the same results up to float rounding, P x S prefills)."""
 
     presses: tuple[PressSpec, ...]
     budgets: tuple[int, ...] = ()
@@ -128,6 +136,8 @@ class EvalConfig:
     measure_overhead: bool = True
     timing_repeats: int = 3
     timing_batches: int = 2
+    share_prefill: bool = True
+    prefix_tail: int = 64
 
     def __post_init__(self):
         if bool(self.budgets) == bool(self.ratios):
@@ -140,6 +150,8 @@ class EvalConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.batch_size < 1 or self.pad_multiple < 1 or self.timing_repeats < 1 or self.timing_batches < 0:
             raise ValueError("batch_size, pad_multiple and timing_repeats must be >= 1, timing_batches >= 0")
+        if self.prefix_tail < 1:
+            raise ValueError(f"prefix_tail must be >= 1, got {self.prefix_tail}")
         labels = [p.label or p.name for p in self.presses]
         if len(set(labels)) != len(labels) or FULL_KV in labels:
             raise ValueError(f"press labels must be distinct and not {FULL_KV!r}: {labels}")
@@ -269,11 +281,33 @@ class _Timer:
         return 1000.0 * (time.perf_counter() - self.start)
 
 
+def _batch_ids(batch: list[EvalSample], cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The padded (ids, mask) [batch_size, T] a batch is compressed as (the context alone if agnostic)."""
+    agnostic = cfg.mode == "question-agnostic"
+    rows = [s.context_ids if agnostic else s.prompt_ids for s in batch]
+    return _padded(rows, cfg.batch_size, cfg.pad_multiple)
+
+
+def _batch_prefix(model, batch: list[EvalSample], cfg: EvalConfig, presses) -> PromptPrefix | None:
+    """The batch's shared prefix for `presses` (None when sharing is off or the prompt is too short)."""
+    if not cfg.share_prefill or not presses:
+        return None
+    ids, mask = _batch_ids(batch, cfg)
+    prompt = prepare_prompt(ids, mask, cfg.chunk_size, model.config.vocab_size)
+    windows = [getattr(getattr(p, "press", p), "window_size", 0) for p in presses]  # AdaKV wraps its scorer
+    tail = max([cfg.prefix_tail, *windows])
+    tail = -(-tail // 8) * 8
+    T = prompt.ids.shape[1]
+    return shared_prefix(model, prompt, tail) if tail < T else None
+
+
 def _run_batch(model, batch: list[EvalSample], task: EvalTask, press, cfg: EvalConfig, eos: tuple[int, ...],
-               pad_id: int, *, measure: bool, warm_up: bool, oracle: OracleLabels | None) -> tuple[list[dict], dict]:
+               pad_id: int, *, measure: bool, warm_up: bool, oracle: OracleLabels | None,
+               prefix: PromptPrefix | None = None) -> tuple[list[dict], dict]:
     """Compress (or fully prefill), append the question if agnostic, generate, score, and (measure)
     time compress against a plain prefill: best of `timing_repeats` alternating runs, after one warm-up
-    run of each when the shape is new (compilation excluded).
+    run of each when the shape is new (compilation excluded). `prefix`: the batch's `_batch_prefix`,
+    which compression starts from unless the batch is timed.
 
     Returns per-sample records and the batch's timings {compress_ms, prefill_ms} (ms for the whole
     padded batch; empty when not measured)."""
@@ -281,8 +315,8 @@ def _run_batch(model, batch: list[EvalSample], task: EvalTask, press, cfg: EvalC
 
     agnostic = cfg.mode == "question-agnostic"
     B, n_real = cfg.batch_size, len(batch)
-    rows = [s.context_ids if agnostic else s.prompt_ids for s in batch]
-    ids, mask = _padded(rows, B, cfg.pad_multiple)
+    ids, mask = _batch_ids(batch, cfg)
+    prompt = prepare_prompt(ids, mask, cfg.chunk_size, model.config.vocab_size)
     Q = len(batch[0].question_ids) if agnostic else 0
     room = Q + task.max_new_tokens
     timing: dict[str, float] = {}
@@ -293,7 +327,9 @@ def _run_batch(model, batch: list[EvalSample], task: EvalTask, press, cfg: EvalC
         return out
 
     def run_compress():
-        out = compress(model, ids, press, attention_mask=mask, chunk_size=cfg.chunk_size)
+        # a timed batch compresses from scratch: the overhead reported is the one `compress` costs
+        shared = None if measure or not accepts_prefix(press) else prefix
+        out = compress_prompt(model, prompt, press, prefix=shared)
         _block(out)
         return out
 
@@ -417,11 +453,31 @@ def _summary(records: list[dict], timings: list[dict]) -> dict:
     return out
 
 
-def run_cell(model, task: EvalTask, press_spec: PressSpec | None, setting: Setting | None, cfg: EvalConfig,
-             out_dir, *, adapter=None, oracle: OracleLabels | None = None, progress=None,
-             model_fp: str | None = None) -> dict:
-    """Run (or read back) one cell; press_spec None is FullKV. Returns the cell dict (as written).
-    `model_fp`: the model's `model_fingerprint`, when the caller computed it already."""
+@dataclasses.dataclass
+class _Cell:
+    """One cell of a task being computed: what it is, where it goes, what it has gathered so far."""
+
+    spec: PressSpec | None
+    setting: Setting | None
+    press: Any
+    path: Path
+    fingerprint: dict
+    records: list = dataclasses.field(default_factory=list)
+    timings: list = dataclasses.field(default_factory=list)
+    warmed: set = dataclasses.field(default_factory=set)
+
+    @property
+    def label(self) -> str:
+        return FULL_KV if self.spec is None else (self.spec.label or self.spec.name)
+
+    @property
+    def setting_label(self) -> str:
+        return "full" if self.spec is None else self.setting.label
+
+
+def _plan_cell(model, task: EvalTask, press_spec: PressSpec | None, setting: Setting | None, cfg: EvalConfig,
+               out_dir, adapter, model_fp: str | None) -> tuple[_Cell, dict | None]:
+    """The cell and, when its JSON is already complete for the same inputs, that JSON."""
     label = FULL_KV if press_spec is None else (press_spec.label or press_spec.name)
     setting_label = "full" if press_spec is None else setting.label
     path = cell_path(out_dir, label, setting_label, task.name)
@@ -431,42 +487,86 @@ def run_cell(model, task: EvalTask, press_spec: PressSpec | None, setting: Setti
                    "model_fingerprint": model_fp if model_fp is not None else model_fingerprint(model),
                    "adapter_fingerprint": adapter_fingerprint(adapter) if uses_adapter else None}
     done = _read_complete(path, fingerprint)
-    if done is not None:
-        if progress is not None:
-            progress.update(len(task.samples))
-        return done
-    press = None if press_spec is None else press_spec.build(setting, adapter)
+    press = None if press_spec is None or done is not None else press_spec.build(setting, adapter)
+    return _Cell(press_spec, setting, press, path, fingerprint), done
+
+
+def _task_eos(model, task: EvalTask) -> tuple[tuple[int, ...], int]:
+    """(EOS ids, padding id) generation stops at / pads with."""
     cfg_model = model.config
     eos = task.eos_token_ids if task.eos_token_ids is not None else tuple(cfg_model.eos_token_id or ())
     eos = tuple(int(e) for e in eos)
     pad_id = cfg_model.pad_token_id if cfg_model.pad_token_id is not None else (eos[0] if eos else 0)
-    records, timings, warmed = [], [], set()
+    return eos, int(pad_id)
+
+
+def _compute_cells(model, task: EvalTask, cells: list[_Cell], cfg: EvalConfig, *, oracle: OracleLabels | None,
+                   progress=None) -> list[dict]:
+    """Run every batch of the task through every cell (one shared prefill per batch), write each cell's
+    JSON, return the cell dicts."""
+    eos, pad_id = _task_eos(model, task)
     agnostic = cfg.mode == "question-agnostic"
+    presses = [c.press for c in cells if c.press is not None and accepts_prefix(c.press)]
     for batch in _batches(task.samples, cfg.batch_size, agnostic):
-        if progress is not None:
-            progress.set_postfix_str(f"{task.name} {label} {setting_label}", refresh=False)
-        measure = cfg.measure_overhead and (cfg.timing_batches == 0 or len(timings) < cfg.timing_batches)
+        prefix = _batch_prefix(model, batch, cfg, presses) if len(presses) > 1 else None
         # a new padded shape compiles: a measured batch runs it once untimed first
         shape = (_bucket(max(len(s.context_ids if agnostic else s.prompt_ids) for s in batch), cfg.pad_multiple),
                  len(batch[0].question_ids) if agnostic else 0)
-        recs, tm = _run_batch(model, batch, task, press, cfg, eos, int(pad_id), measure=measure,
-                              warm_up=shape not in warmed, oracle=oracle if cfg.oracle else None)
-        if measure:
-            warmed.add(shape)
-            timings.append(tm)
-        records.extend(recs)
-        if progress is not None:
-            progress.update(len(batch))
+        for cell in cells:
+            if progress is not None:
+                progress.set_postfix_str(f"{task.name} {cell.label} {cell.setting_label}", refresh=False)
+            measure = cfg.measure_overhead and (cfg.timing_batches == 0 or len(cell.timings) < cfg.timing_batches)
+            recs, tm = _run_batch(model, batch, task, cell.press, cfg, eos, pad_id, measure=measure,
+                                  warm_up=shape not in cell.warmed, oracle=oracle if cfg.oracle else None,
+                                  prefix=prefix)
+            if measure:
+                cell.warmed.add(shape)
+                cell.timings.append(tm)
+            cell.records.extend(recs)
+            if progress is not None:
+                progress.update(len(batch))
+        del prefix
+    return [_finish_cell(task, cell, cfg) for cell in cells]
+
+
+def _finish_cell(task: EvalTask, cell: _Cell, cfg: EvalConfig) -> dict:
     order = {s.id: i for i, s in enumerate(task.samples)}
-    records.sort(key=lambda r: order[r["id"]])
-    cell = {"complete": True, "press": label, "press_name": None if press_spec is None else press_spec.name,
-            "press_kwargs": {} if press_spec is None else dict(press_spec.kwargs), "setting": setting_label,
-            "budget": None if setting is None or setting.kind != "budget" else int(setting.value),
-            "ratio": None if setting is None or setting.kind != "ratio" else float(setting.value),
-            "task": task.name, **fingerprint, "n_samples": len(records), "batch_size": cfg.batch_size,
-            **_summary(records, timings), "samples": records}
-    _write_json(path, cell)
-    return cell
+    records = sorted(cell.records, key=lambda r: order[r["id"]])
+    spec, setting = cell.spec, cell.setting
+    out = {"complete": True, "press": cell.label, "press_name": None if spec is None else spec.name,
+           "press_kwargs": {} if spec is None else dict(spec.kwargs), "setting": cell.setting_label,
+           "budget": None if setting is None or setting.kind != "budget" else int(setting.value),
+           "ratio": None if setting is None or setting.kind != "ratio" else float(setting.value),
+           "task": task.name, **cell.fingerprint, "n_samples": len(records), "batch_size": cfg.batch_size,
+           **_summary(records, cell.timings), "samples": records}
+    _write_json(cell.path, out)
+    return out
+
+
+def run_cell(model, task: EvalTask, press_spec: PressSpec | None, setting: Setting | None, cfg: EvalConfig,
+             out_dir, *, adapter=None, oracle: OracleLabels | None = None, progress=None,
+             model_fp: str | None = None) -> dict:
+    """Run (or read back) one cell; press_spec None is FullKV. Returns the cell dict (as written).
+    `model_fp`: the model's `model_fingerprint`, when the caller computed it already."""
+    cell, done = _plan_cell(model, task, press_spec, setting, cfg, out_dir, adapter, model_fp)
+    if done is not None:
+        if progress is not None:
+            progress.update(len(task.samples))
+        return done
+    return _compute_cells(model, task, [cell], cfg, oracle=oracle, progress=progress)[0]
+
+
+def _buildable(spec: PressSpec, setting: Setting, adapter, bar) -> bool:
+    """Whether the press exists at this setting; a cell that cannot (e.g. a window larger than the budget)
+    is skipped with a note and the grid goes on. A missing adapter or an unknown press is an error."""
+    try:
+        spec.build(setting, adapter)
+    except ValueError as e:
+        if "adapter" in str(e) or "unknown press" in str(e):
+            raise
+        bar.write(f"lkv eval: skipping {e}")
+        return False
+    return True
 
 
 def run_eval(model, tasks: list[EvalTask], cfg: EvalConfig, out_dir, *, adapter=None, progress: bool = True,
@@ -489,19 +589,19 @@ def run_eval(model, tasks: list[EvalTask], cfg: EvalConfig, out_dir, *, adapter=
             full = run_cell(model, task, None, None, cfg, out_dir, progress=bar, model_fp=model_fp)
             cells.append(full)
             oracle = OracleLabels({r["id"]: r["generated_ids"] for r in full["samples"]}) if cfg.oracle else None
+            slots: list[dict | _Cell] = []  # in grid order: finished cells' dicts, or cells to compute
             for spec in cfg.presses:
                 for setting in cfg.settings:
-                    try:
-                        spec.build(setting, adapter)
-                    except ValueError as e:
-                        if "adapter" in str(e) or "unknown press" in str(e):
-                            raise
-                        # e.g. a window larger than the budget: that one cell cannot exist, the grid goes on
-                        bar.write(f"lkv eval: skipping {e}")
+                    if not _buildable(spec, setting, adapter, bar):
                         bar.update(len(task.samples))
                         continue
-                    cells.append(run_cell(model, task, spec, setting, cfg, out_dir, adapter=adapter,
-                                          oracle=oracle, progress=bar, model_fp=model_fp))
+                    cell, done = _plan_cell(model, task, spec, setting, cfg, out_dir, adapter, model_fp)
+                    if done is not None:
+                        bar.update(len(task.samples))
+                    slots.append(done if done is not None else cell)
+            pending = [c for c in slots if isinstance(c, _Cell)]
+            computed = iter(_compute_cells(model, task, pending, cfg, oracle=oracle, progress=bar) if pending else [])
+            cells.extend(next(computed) if isinstance(c, _Cell) else c for c in slots)
     finally:
         bar.close()
     _write_json(out_dir / "run.json", {"tasks": names, "presses": [p.label or p.name for p in cfg.presses],

@@ -93,17 +93,17 @@ class AdaKVPress(BasePress):
     def layer_budgets(self, n_kept, n_prompt, n_layers):
         return self.press.layer_budgets(n_kept, n_prompt, n_layers)
 
-    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk):
-        return self.press.prefill_and_score(model, prompt_ids, valid, positions, chunk)
+    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk, prefix=None):
+        return self.press.prefill_and_score(model, prompt_ids, valid, positions, chunk, prefix)
 
-    def compress(self, model, prompt) -> CompressOutput:
+    def compress(self, model, prompt, prefix=None) -> CompressOutput:
         check = getattr(self.press, "check_prompt", None)
         if check is not None:
             check(prompt)
         counts, budgets = self.eviction_plan(model, prompt)
         graphdef, params = nnx.split(model)
         scored, keep = _score_jit(graphdef, params, self, prompt.ids, prompt.valid, prompt.positions,
-                                  jnp.asarray(counts, jnp.int32), chunk=prompt.chunk, budgets=budgets)
+                                  jnp.asarray(counts, jnp.int32), prefix, chunk=prompt.chunk, budgets=budgets)
         capacities = tuple(max(int(np.asarray(k.sum(-1)).max()), 1) for k in keep)
         cache, kept_positions = _gather_jit(scored.cache, keep, capacities=capacities)
         return CompressOutput(cache=cache, kept_positions=kept_positions, scores=scored.scores, logits=scored.logits)
@@ -115,9 +115,9 @@ def _is_traced_leaf(x) -> bool:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "budgets"))
-def _score_jit(graphdef, params, press, ids, valid, positions, counts, *, chunk, budgets):
+def _score_jit(graphdef, params, press, ids, valid, positions, counts, prefix, *, chunk, budgets):
     model = nnx.merge(graphdef, params)
-    scored = press.prefill_and_score(model, ids, valid, positions, chunk)
+    scored = press.prefill_and_score(model, ids, valid, positions, chunk, prefix)
     base = max(budgets) if len(set(budgets)) == 1 else round(sum(budgets) / len(budgets))
     T = ids.shape[1]
     keep = []

@@ -3,17 +3,20 @@
 A press is a frozen dataclass (kvpress names and defaults) registered as a JAX pytree: array fields
 (e.g. LookaheadKV's adapter) are leaves, everything else is static. A scoring press implements
 
-    prefill_and_score(model, prompt_ids, valid, positions, chunk) -> Scored
+    prefill_and_score(model, prompt_ids, valid, positions, chunk, prefix=None) -> Scored
 
 as a pure function (it runs under `jit`): it prefills the prompt (however it likes: SnapKV stops
 before its window and glimpses with it) and returns the cache, the last token's logits, per-layer
 float32 scores [B, K, S] over cache slots, and the slots that must be kept. `BasePress.compress`
-then selects the top entries per layer and KV head and gathers the compact cache.
+then selects the top entries per layer and KV head and gathers the compact cache. `prefix` (an
+`inference.PromptPrefix` of the same batch, or None) lets the prefill start from slots computed once for
+every press of an evaluation grid; it is passed on to `prefill_pure`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import ClassVar
 
 import jax
@@ -125,7 +128,7 @@ class BasePress:
         """Cache slots the scoring writes after the prompt (a lookahead suffix), reserved at prefill."""
         return 0
 
-    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk: int) -> Scored:
+    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk: int, prefix=None) -> Scored:
         raise NotImplementedError(f"{type(self).__name__} must implement prefill_and_score")
 
     def layer_budgets(self, n_kept: int, n_prompt: int, n_layers: int) -> list[int]:
@@ -152,12 +155,17 @@ class BasePress:
         n_kept = int(max(counts.max(), 1))
         return counts, tuple(self.layer_budgets(n_kept, int(n_prompt.max()), model.config.num_hidden_layers))
 
-    def compress(self, model, prompt: Prompt) -> CompressOutput:
+    def compress(self, model, prompt: Prompt, prefix=None) -> CompressOutput:
         """Prefill, score and evict a prepared prompt batch (see `lkv_jax.compress`)."""
         counts, budgets = self.eviction_plan(model, prompt)
         graphdef, params = nnx.split(model)
         return _compress_jit(graphdef, params, self, prompt.ids, prompt.valid, prompt.positions,
-                             jnp.asarray(counts, jnp.int32), chunk=prompt.chunk, budgets=budgets)
+                             jnp.asarray(counts, jnp.int32), prefix, chunk=prompt.chunk, budgets=budgets)
+
+
+def accepts_prefix(press: BasePress) -> bool:
+    """Whether a press's `prefill_and_score` takes a shared `prefix` (every press of lkv_jax does)."""
+    return "prefix" in inspect.signature(type(press).prefill_and_score).parameters
 
 
 def evict(scored: Scored, n_prompt_slots: int, budgets, counts, base_count) -> CompressOutput:
@@ -176,10 +184,13 @@ def evict(scored: Scored, n_prompt_slots: int, budgets, counts, base_count) -> C
     return CompressOutput(cache=new_cache, kept_positions=kept_positions, scores=scored.scores, logits=scored.logits)
 
 
-def compress_pure(graphdef, params, press, ids, valid, positions, counts, *, chunk, budgets) -> CompressOutput:
+def compress_pure(graphdef, params, press, ids, valid, positions, counts, prefix=None, *, chunk,
+                  budgets) -> CompressOutput:
     """The whole prefill-score-evict path as one pure function (jit it, with shardings if you like)."""
     model = nnx.merge(graphdef, params)
-    scored = press.prefill_and_score(model, ids, valid, positions, chunk)
+    # presses written before shared prefixes existed take no `prefix` argument
+    scored = (press.prefill_and_score(model, ids, valid, positions, chunk) if prefix is None
+              else press.prefill_and_score(model, ids, valid, positions, chunk, prefix))
     base = max(budgets) if len(set(budgets)) == 1 else round(sum(budgets) / len(budgets))
     return evict(scored, ids.shape[1], budgets, counts, base)
 

@@ -87,11 +87,12 @@ class ExpectedAttentionPress(BasePress):
             raise ValueError(f"ExpectedAttentionPress needs prompts longer than n_sink={self.n_sink} tokens; "
                              f"the shortest row has {int(n.min())}")
 
-    def compress(self, model, prompt):
+    def compress(self, model, prompt, prefix=None):
         self.check_prompt(prompt)
-        return super().compress(model, prompt)
+        return super().compress(model, prompt, prefix)
 
-    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk):
+    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk, prefix=None):
+        # observers need every query's attention: a shared prefix is ignored, the prompt prefilled in full
         cfg = model.config
         B, T = prompt_ids.shape
         K, G, H = cfg.num_key_value_heads, cfg.n_groups, cfg.head_dim

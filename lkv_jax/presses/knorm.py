@@ -14,9 +14,9 @@ from lkv_jax.presses.base import BasePress, Scored, register_press
 @register_press
 @dataclasses.dataclass(frozen=True)
 class KnormPress(BasePress):
-    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk):
+    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk, prefix=None):
         T = prompt_ids.shape[1]
-        cache, logits = prefill_pure(model, prompt_ids, valid, positions, chunk=chunk, capacity=T)
+        cache, logits = prefill_pure(model, prompt_ids, valid, positions, chunk=chunk, capacity=T, prefix=prefix)
         scores = tuple(-jnp.linalg.norm(k.astype(jnp.float32), axis=-1) for k in cache.keys)
         protected = tuple(jnp.zeros_like(v) for v in cache.valid)
         return Scored(cache=cache, logits=logits, scores=scores, protected=protected)

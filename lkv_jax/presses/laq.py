@@ -57,10 +57,10 @@ class LAQPress(SnapKVPress):
         counts = self.keep_count(valid.sum(1)).astype(jnp.int32)
         return counts, max(int(self.keep_count(valid.shape[1])), 1)
 
-    def pseudo_tokens(self, model, prompt_ids, valid, positions, chunk):
+    def pseudo_tokens(self, model, prompt_ids, valid, positions, chunk, prefix=None):
         """(full prompt cache, last-token logits, SnapKV scores, window mask, pseudo tokens int32 [B, n])."""
         T = prompt_ids.shape[1]
-        cache, logits, snap_scores, protected = self.window_scores(model, prompt_ids, valid, positions, chunk)
+        cache, logits, snap_scores, protected = self.window_scores(model, prompt_ids, valid, positions, chunk, prefix)
         counts, capacity = self.first_stage_counts(valid)
         slots, kept = [], []
         for l in range(cache.n_layers):
@@ -72,11 +72,11 @@ class LAQPress(SnapKVPress):
         tokens = greedy_pseudo_tokens(model, small.grow(self.n_pseudo_tokens - 1), logits, self.n_pseudo_tokens)
         return cache, logits, protected, tokens
 
-    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk):
+    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk, prefix=None):
         T = prompt_ids.shape[1]
         w = self.window_size
         K = model.config.num_key_value_heads
-        cache, logits, protected, tokens = self.pseudo_tokens(model, prompt_ids, valid, positions, chunk)
+        cache, logits, protected, tokens = self.pseudo_tokens(model, prompt_ids, valid, positions, chunk, prefix)
         g = glimpse_pure(model, cache, model.embed_tokens(tokens), reduce="mean", append=False, logits=False)
         prefix = (valid & (jnp.arange(T) < T - w)[None])[:, None, :]
         scores = tuple(reduce_group(pool_scores(s, prefix, self.kernel_size, self.pooling), K) for s in g.scores)

@@ -64,10 +64,10 @@ class LookaheadKVPress(BasePress):
     def suffix_slots(self) -> int:
         return self.adapter.n_lookahead
 
-    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk):
+    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk, prefix=None):
         adapter = self.adapter
         T = prompt_ids.shape[1]
-        cache, logits = prefill_pure(model, prompt_ids, valid, positions, chunk=chunk,
+        cache, logits = prefill_pure(model, prompt_ids, valid, positions, chunk=chunk, prefix=prefix,
                                      capacity=T + adapter.n_lookahead)
         # the GQA mean commutes with no pooling and with average pooling, so then the score-and-evict op
         # (Pallas on GPU/TPU) reduces over the group itself; max reductions / max pooling stay per head

@@ -36,7 +36,8 @@ class AttentionMassObserver(PrefillObserver):
 class ObservedAttentionPress(BasePress):
     output_attentions: bool = False
 
-    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk):
+    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk, prefix=None):
+        # observers need every query's attention: a shared prefix is ignored, the prompt prefilled in full
         T = prompt_ids.shape[1]
         cache, logits, mass = prefill_pure(model, prompt_ids, valid, positions, chunk=chunk, capacity=T,
                                            observe=AttentionMassObserver())

@@ -20,9 +20,9 @@ from lkv_jax.presses.base import BasePress, Scored, register_press
 class RandomPress(BasePress):
     seed: int | None = None
 
-    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk):
+    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk, prefix=None):
         T = prompt_ids.shape[1]
-        cache, logits = prefill_pure(model, prompt_ids, valid, positions, chunk=chunk, capacity=T)
+        cache, logits = prefill_pure(model, prompt_ids, valid, positions, chunk=chunk, capacity=T, prefix=prefix)
         key = jax.random.key(0 if self.seed is None else self.seed)
         shape = cache.valid[0].shape
         scores = tuple(jax.random.uniform(jax.random.fold_in(key, l), shape, jnp.float32)

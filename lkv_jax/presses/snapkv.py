@@ -60,18 +60,18 @@ class SnapKVPress(BasePress):
         """Raise for prompt rows too short for the window (called before compressing)."""
         check_window_rows(prompt, self.window_size, type(self).__name__)
 
-    def compress(self, model, prompt):
+    def compress(self, model, prompt, prefix=None):
         self.check_prompt(prompt)
-        return super().compress(model, prompt)
+        return super().compress(model, prompt, prefix)
 
-    def window_scores(self, model, ids, valid, positions, chunk):
+    def window_scores(self, model, ids, valid, positions, chunk, prefix=None):
         """(cache, logits, per-layer float32 [B, K, S] scores, per-layer protected [B, K, S])."""
         T = ids.shape[1]
         w = self.window_size
         # average pooling is linear, so it commutes with the GQA mean: the score-and-evict op can reduce
         # over the group first. Max pooling cannot, and stays per query head.
         kv = self.pooling == "avg"
-        cache, logits, raw = prefill_with_window(model, ids, valid, positions, chunk=chunk, window=w,
+        cache, logits, raw = prefill_with_window(model, ids, valid, positions, chunk=chunk, window=w, prefix=prefix,
                                                  score_heads="kv" if kv else "query",
                                                  implementation=self.implementation, interpret=self.interpret)
         K = model.config.num_key_value_heads
@@ -81,6 +81,6 @@ class SnapKVPress(BasePress):
         window = jnp.broadcast_to((jnp.arange(T) >= T - w)[None, None], (ids.shape[0], K, T))
         return cache, logits, scores, (window,) * len(scores)
 
-    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk):
-        cache, logits, scores, protected = self.window_scores(model, prompt_ids, valid, positions, chunk)
+    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk, prefix=None):
+        cache, logits, scores, protected = self.window_scores(model, prompt_ids, valid, positions, chunk, prefix)
         return Scored(cache=cache, logits=logits, scores=scores, protected=protected)

@@ -82,13 +82,13 @@ class DraftScoredPress(BasePress):
     def suffix_slots(self) -> int:
         return int(self.draft_ids.shape[1])
 
-    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk):
+    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk, prefix=None):
         B, T = prompt_ids.shape
         w = self.window_size
         K = model.config.num_key_value_heads
         L = self.draft_ids.shape[1]
         cache, logits, raw = prefill_with_window(model, prompt_ids, valid, positions, chunk=chunk, window=w,
-                                                 suffix=self.draft_ids, suffix_valid=self.draft_valid,
+                                                 prefix=prefix, suffix=self.draft_ids, suffix_valid=self.draft_valid,
                                                  extra_capacity=L, reduce=self.reduction, score_heads="kv",
                                                  implementation=self.implementation, interpret=self.interpret)
         # decoding continues right after the prompt: the draft tokens only scored
@@ -146,9 +146,9 @@ class SpecKVPress(BasePress):
                   if hasattr(self, f.name) and f.name not in ("draft_ids", "draft_valid")}
         return DraftScoredPress(**shared, draft_ids=draft_ids, draft_valid=draft_valid)
 
-    def compress(self, model, prompt):
+    def compress(self, model, prompt, prefix=None):
         draft = model if isinstance(self.draft_model, str) else self.draft_model
         check_same_vocab(draft, model)
         check_window_rows(prompt, self.window_size, type(self).__name__)
         ids, valid = draft_tokens(draft, prompt, self.n_draft_tokens)
-        return self.scorer(ids, valid).compress(model, prompt)
+        return self.scorer(ids, valid).compress(model, prompt, prefix)

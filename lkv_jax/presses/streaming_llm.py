@@ -20,9 +20,9 @@ class StreamingLLMPress(BasePress):
     def n_protected(self) -> int:
         return self.n_sink
 
-    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk):
+    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk, prefix=None):
         T = prompt_ids.shape[1]
-        cache, logits = prefill_pure(model, prompt_ids, valid, positions, chunk=chunk, capacity=T)
+        cache, logits = prefill_pure(model, prompt_ids, valid, positions, chunk=chunk, capacity=T, prefix=prefix)
         pos = cache.positions[0].astype(jnp.float32)  # [B, K, S], -1 where padding
         scores = tuple(pos for _ in range(cache.n_layers))  # later is better
         protected = tuple((p >= 0) & (p < self.n_sink) for p in cache.positions)

@@ -26,16 +26,16 @@ class TOVAPress(BasePress):
         """Raise for prompt rows too short for the window (called before compressing)."""
         check_window_rows(prompt, 1, type(self).__name__)
 
-    def compress(self, model, prompt):
+    def compress(self, model, prompt, prefix=None):
         self.check_prompt(prompt)
-        return super().compress(model, prompt)
+        return super().compress(model, prompt, prefix)
 
-    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk):
+    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk, prefix=None):
         B, T = prompt_ids.shape
         K = model.config.num_key_value_heads
         # per-KV-head means from the score-and-evict op; their mean is the mean over all query heads
         cache, logits, raw = prefill_with_window(model, prompt_ids, valid, positions, chunk=chunk, window=1,
-                                                 score_heads="kv", implementation=self.implementation,
+                                                 prefix=prefix, score_heads="kv", implementation=self.implementation,
                                                  interpret=self.interpret)
         scores = tuple(jnp.broadcast_to(s.mean(1, keepdims=True), (B, K, T)) for s in raw)
         last = jnp.broadcast_to((jnp.arange(T) == T - 1)[None, None], (B, K, T))

@@ -40,7 +40,7 @@ def check_pooling(kernel_size: int, pooling: str) -> None:
 
 
 def prefill_with_window(model, ids, valid, positions, *, chunk: int, window: int, suffix=None, suffix_valid=None,
-                        extra_capacity: int = 0, reduce: str | None = "mean", score_heads: str = "query",
+                        extra_capacity: int = 0, prefix=None, reduce: str | None = "mean", score_heads: str = "query",
                         implementation: str | None = None, interpret=False):
     """Prefill all but the last `window` slots, then glimpse the window (and `suffix`) appended to the cache.
 
@@ -54,7 +54,8 @@ def prefill_with_window(model, ids, valid, positions, *, chunk: int, window: int
     B, T = ids.shape
     w = window
     head_valid = valid & (jnp.arange(T) < T - w)[None, :]
-    cache, _ = prefill_pure(model, ids, head_valid, positions, chunk=chunk, capacity=T + extra_capacity)
+    cache, _ = prefill_pure(model, ids, head_valid, positions, chunk=chunk, capacity=T + extra_capacity,
+                            prefix=prefix)
     # the window's slots were computed as padding; the glimpse overwrites them at their true positions
     cache = dataclasses.replace(cache, cursor=jnp.full_like(cache.cursor, T - w), next_position=positions[:, T - w])
     tokens = ids[:, T - w:]
