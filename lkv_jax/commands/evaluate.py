@@ -6,13 +6,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = ("evaluate KV-cache eviction: presses x budgets x tasks (synthetic RULER-style or LongBench) -> "
+HELP = ("evaluate KV-cache eviction: presses x budgets x tasks (synthetic RULER-style, RULER or LongBench) -> "
         "per-cell JSON, results.md, plots; resumable")
 
 EPILOG = """\
 tasks:
   synthetic (built-in vocabulary, one task per --lengths entry): niah_single, niah_multikey,
     niah_multivalue, niah_multiquery, vt, fwe, tag_list
+  RULER on the evaluation half of the essays, sized in the model's tokenizer (needs its tokenizer.json: the
+    model folder's or --tokenizer; --chat-template for instruct models), one task per --lengths entry:
+    ruler/<task> for niah_single_1..3, niah_multikey_1..3, niah_multivalue, niah_multiquery, vt, cwe, fwe
   LongBench (needs --longbench-dir with <task>.jsonl, or --longbench-hub): longbench/<task>, e.g.
     longbench/hotpotqa, longbench/gov_report (the 16 English tasks)
 presses: registered names (snapkv, pyramidkv, streamingllm, tova, laq, lookaheadkv, ...) with optional
@@ -52,7 +55,8 @@ def add_arguments(p) -> None:
     g.add_argument("--ratios", type=_floats, help="compression ratios (fraction removed), e.g. 0.5,0.75,0.9")
     p.add_argument("--tasks", type=_names, required=True, help="comma-separated task names (see below)")
     p.add_argument("--out", required=True, help="output folder (resumed if it holds finished cells)")
-    p.add_argument("--lengths", type=_ints, default=(1024,), help="synthetic context lengths in tokens")
+    p.add_argument("--lengths", type=_ints, default=(1024,),
+                   help="synthetic context lengths in tokens (RULER: prompt + tokens to generate)")
     p.add_argument("--n-samples", type=int, default=20, help="samples per task (LongBench: first n; 0 = all)")
     p.add_argument("--seed", type=int, default=1234, help="synthetic sample seed (keep it apart from training's)")
     p.add_argument("--question-agnostic", action="store_true",
@@ -91,11 +95,26 @@ def _synthetic_tokenizer(tok_dir: Path, chat_template: bool):
         return None, HFPromptEncoder(tok_dir, use_chat_template=chat_template)
 
 
+def _ruler_encoder(tok_dir: Path, chat_template: bool):
+    """The HFPromptEncoder RULER tasks need: a real model's tokenizer.json (not the built-in word vocabulary)."""
+    from lkv_jax.data.synthetic import HFPromptEncoder
+    from lkv_jax.data.vocab import load_vocab
+
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"RULER tasks need the model's Hugging Face tokenizer: no tokenizer.json in {tok_dir}; "
+                                "pass --tokenizer DIR")
+    try:
+        load_vocab(tok_dir)
+    except (ValueError, KeyError):  # not the built-in WordLevel vocabulary: a real model's tokenizer
+        return HFPromptEncoder(tok_dir, use_chat_template=chat_template)
+    raise ValueError(f"RULER tasks need a real model's tokenizer; {tok_dir} holds the built-in word vocabulary")
+
+
 def build_tasks(args) -> list:
     """The EvalTasks named by --tasks."""
-    from lkv_jax.evaluation.tasks import longbench_task, synthetic_task
+    from lkv_jax.evaluation.tasks import longbench_task, ruler_task, synthetic_task
 
-    tasks, tokenizer, vocab, encoder = [], None, None, None
+    tasks, tokenizer, vocab, encoder, ruler_encoder = [], None, None, None, None
     limit = args.n_samples or None
     for name in args.tasks:
         if name.startswith(("longbench/", "longbench:")):
@@ -116,6 +135,12 @@ def build_tasks(args) -> list:
             tasks.append(longbench_task(name.split("/", 1)[-1].split(":", 1)[-1], tokenizer,
                                         data_dir=args.longbench_dir, from_hub=args.longbench_hub,
                                         max_length=args.max_length, chat_template=args.chat_template, limit=limit))
+        elif name.startswith("ruler/"):
+            if ruler_encoder is None:
+                ruler_encoder = _ruler_encoder(Path(args.tokenizer or args.model), args.chat_template)
+            for length in args.lengths:
+                tasks.append(ruler_task(name, ruler_encoder, length=length, n_samples=args.n_samples or 20,
+                                        seed=args.seed))
         else:
             if vocab is None and encoder is None:
                 vocab, encoder = _synthetic_tokenizer(Path(args.tokenizer or args.model), args.chat_template)

@@ -4,7 +4,8 @@ The runner is tokeniser-agnostic: a task carries token ids (a context segment an
 a `decode` back to text and a `score(prediction, sample) -> [0, 1]`. Query-aware evaluation prefills
 and compresses context + question; question-agnostic evaluation compresses the context alone and
 appends the question on the compressed cache. Builders here turn LongBench records (any Hugging Face
-tokenizer) and the synthetic RULER-style tasks (built-in vocabulary) into tasks.
+tokenizer), the synthetic RULER-style tasks (built-in vocabulary) and RULER's own tasks (the essays, a
+model's tokenizer and chat template) into tasks.
 """
 
 from __future__ import annotations
@@ -164,3 +165,43 @@ def _synthetic_scorer() -> Callable[[str, EvalSample], float]:
 
     return score
 
+
+# ----------------------------------------------------------------------------------------------
+# RULER (real text, a model's tokenizer and chat template)
+
+
+def ruler_task(name: str, encoder, *, length: int, n_samples: int, seed: int = 0, split: str = "eval") -> EvalTask:
+    """A RULER task (`lkv_jax.data.ruler`; name with or without "ruler/") at one length, under `encoder` (a
+    `synthetic.HFPromptEncoder`): each prompt + RULER's tokens_to_generate fits in `length` tokens, the
+    question segment ends with the chat template's generation prompt and RULER's answer prefix. Scored as
+    RULER: its metric (string_match_all) on the post-processed prediction. Task name `ruler/<task>-<length>`."""
+    from lkv_jax.data import ruler
+    from lkv_jax.data.ruler_chat import ChatPrompts
+
+    task = name.removeprefix("ruler/")
+    prompts = ChatPrompts(encoder).prompts(task, length, n_samples, seed=seed, split=split)
+    samples = tuple(
+        EvalSample(id=f"{task}-{length}-{seed}-{split}-{p.sample.index}", context_ids=p.context_ids,
+                   question_ids=p.question_ids, answers=p.sample.references,
+                   extra={"metric": p.sample.metric, "target": p.sample.target,
+                          "answer_prefix": p.sample.answer_prefix,
+                          "evidence_positions": list(p.evidence_positions),
+                          "distractor_positions": list(p.distractor_positions)})
+        for p in prompts)
+    family = ruler.TASKS[task][0]
+    eos = None if encoder.eos_id is None else (int(encoder.eos_id),)
+    return EvalTask(name=f"ruler/{task}-{length}", samples=samples,
+                    max_new_tokens=ruler.FAMILIES[family].tokens_to_generate, score=_ruler_scorer(),
+                    decode=lambda ids: encoder.tokenizer.decode(list(ids), skip_special_tokens=True),
+                    eos_token_ids=eos)
+
+
+def _ruler_scorer() -> Callable[[str, EvalSample], float]:
+    """RULER's scoring of one prediction: `postprocess_pred`, then the sample's metric against its answers."""
+    from lkv_jax.data.metrics import METRICS
+    from lkv_jax.data.ruler import postprocess
+
+    def score(prediction: str, sample: EvalSample) -> float:
+        return float(METRICS[sample.extra["metric"]](postprocess(prediction), list(sample.answers)))
+
+    return score
