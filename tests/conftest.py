@@ -4,6 +4,7 @@ the experiment scripts loaded as modules."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -74,3 +75,28 @@ def experiment_script():
         return module
 
     return load
+
+
+# the ChatML chat template (SmolLM2 / Qwen style) of the test tokenizer
+CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory):
+    """A tokenizer directory: a byte-level BPE (vocabulary 2000) trained on six training-half essays, with a
+    ChatML template (no model needed)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from lkv_jax.data.essays import load_essays
+
+    d = tmp_path_factory.mktemp("bpe")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(load_essays("train")[:6], trainer)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "eos_token": "<|im_end|>"}))
+    return d

@@ -4,7 +4,6 @@ checked against the prompt text read independently and against strings transcrib
 freq_words_extraction.py)."""
 
 import argparse
-import json
 import re
 import uuid
 from collections import Counter
@@ -19,8 +18,6 @@ from lkv_jax.data.ruler_chat import ChatPrompts, ruler_prompts
 from lkv_jax.data.synthetic import HFPromptEncoder
 from lkv_jax.evaluation.tasks import ruler_task
 
-CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 NIAH = [t for t in ruler.TASKS if t.startswith("niah")]
 NEEDLE_RE = re.compile(r"One of the special magic (numbers|uuids) for ([\w-]+) is: ([\w-]+)\.")
 # transcribed from RULER
@@ -43,20 +40,8 @@ TOKENS_TO_GENERATE = {"niah": 128, "vt": 30, "cwe": 120, "fwe": 50}
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    """A byte-level BPE (vocabulary 2000) trained on six training-half essays, with a ChatML template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    d = tmp_path_factory.mktemp("bpe")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(load_essays("train")[:6], trainer)
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "eos_token": "<|im_end|>"}))
-    return d
+def tok_dir(bpe_tokenizer_dir):
+    return bpe_tokenizer_dir
 
 
 @pytest.fixture(scope="module")

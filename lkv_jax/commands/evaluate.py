@@ -16,6 +16,8 @@ tasks:
   RULER on the evaluation half of the essays, sized in the model's tokenizer (needs its tokenizer.json: the
     model folder's or --tokenizer; --chat-template for instruct models), one task per --lengths entry:
     ruler/<task> for niah_single_1..3, niah_multikey_1..3, niah_multivalue, niah_multiquery, vt, cwe, fwe
+  summary: summarise an evaluation-half essay passage (same tokenizer needs), scored by ROUGE-L against the
+    model's own FullKV summary: how much of the full cache's long answer an eviction keeps
   LongBench (needs --longbench-dir with <task>.jsonl, or --longbench-hub): longbench/<task>, e.g.
     longbench/hotpotqa, longbench/gov_report (the 16 English tasks)
 presses: registered names (snapkv, pyramidkv, streamingllm, tova, laq, lookaheadkv, ...) with optional
@@ -112,7 +114,7 @@ def _ruler_encoder(tok_dir: Path, chat_template: bool):
 
 def build_tasks(args) -> list:
     """The EvalTasks named by --tasks."""
-    from lkv_jax.evaluation.tasks import longbench_task, ruler_task, synthetic_task
+    from lkv_jax.evaluation.tasks import longbench_task, ruler_task, summary_task, synthetic_task
 
     tasks, tokenizer, vocab, encoder, ruler_encoder = [], None, None, None, None
     limit = args.n_samples or None
@@ -135,12 +137,16 @@ def build_tasks(args) -> list:
             tasks.append(longbench_task(name.split("/", 1)[-1].split(":", 1)[-1], tokenizer,
                                         data_dir=args.longbench_dir, from_hub=args.longbench_hub,
                                         max_length=args.max_length, chat_template=args.chat_template, limit=limit))
-        elif name.startswith("ruler/"):
+        elif name.startswith("ruler/") or name == "summary":
             if ruler_encoder is None:
                 ruler_encoder = _ruler_encoder(Path(args.tokenizer or args.model), args.chat_template)
             for length in args.lengths:
-                tasks.append(ruler_task(name, ruler_encoder, length=length, n_samples=args.n_samples or 20,
-                                        seed=args.seed))
+                if name == "summary":
+                    tasks.append(summary_task(ruler_encoder, length=length, n_samples=args.n_samples or 20,
+                                              seed=args.seed))
+                else:
+                    tasks.append(ruler_task(name, ruler_encoder, length=length, n_samples=args.n_samples or 20,
+                                            seed=args.seed))
         else:
             if vocab is None and encoder is None:
                 vocab, encoder = _synthetic_tokenizer(Path(args.tokenizer or args.model), args.chat_template)

@@ -96,21 +96,22 @@ def _names_in_code(text: str) -> list[str]:
     return sorted(set(re.findall(r"^\s*def ([A-Za-z_][A-Za-z0-9_]*)\(", text, flags=re.M)))
 
 
-def _essay_request(rng: np.random.Generator, lo: int, hi: int, count: Counter) -> Request | None:
-    essays = load_essays("train")
+def _essay_request(rng: np.random.Generator, lo: int, hi: int, count: Counter, *, split: str = "train",
+                   requests: Sequence[str] = _ESSAY_REQUESTS) -> Request | None:
+    essays = load_essays(split)
     i = int(rng.integers(len(essays)))
     paragraphs = [p.strip() for p in re.split(r"\n\s*\n|(?<=[.?!])(?=[A-Z])", essays[i]) if p.strip()]
     start = int(rng.integers(max(1, len(paragraphs) // 2)))
     passage = _passage(paragraphs, start, lo, hi, count, "\n\n")
     if passage is None:
         return None
-    template = _ESSAY_REQUESTS[int(rng.integers(len(_ESSAY_REQUESTS)))]
+    template = requests[int(rng.integers(len(requests)))]
     names = _names_in_essay(passage)
     if "{name}" in template:
         if not names:
             return None
         template = template.format(name=names[int(rng.integers(len(names)))])
-    return Request("essay", f"{passage}\n\n{template}", template, f"essay {i}")
+    return Request("essay", f"{passage}\n\n{template}", template, f"{split} essay {i}")
 
 
 def _code_request(rng: np.random.Generator, lo: int, hi: int, count: Counter) -> Request | None:
@@ -158,3 +159,24 @@ def request_prompts(kind: str, n: int, *, min_tokens: int, max_tokens: int, coun
         if r is not None and min_tokens <= count(r.user) <= max_tokens:
             out.append(r)
     return out
+
+
+SUMMARY_REQUEST = _ESSAY_REQUESTS[0]
+
+
+def summary_requests(n: int, *, min_tokens: int, max_tokens: int, count: Counter, seed: int = 0,
+                     split: str = "eval") -> list[Request]:
+    """`n` "summarise the passage above" requests over essay passages of one half (the evaluation half by
+    default: the long-answer evaluation task), `min_tokens`..`max_tokens` tokens under `count`."""
+    if not 0 < min_tokens <= max_tokens:
+        raise ValueError(f"need 0 < min_tokens <= max_tokens, got {min_tokens}, {max_tokens}")
+    rng = np.random.default_rng([seed, len(KINDS)])
+    out: list[Request] = []
+    for _ in range(50 * n + 50):
+        if len(out) == n:
+            return out
+        r = _essay_request(rng, max(1, min_tokens - 20), max_tokens - 20, count, split=split,
+                           requests=(SUMMARY_REQUEST,))
+        if r is not None and min_tokens <= count(r.user) <= max_tokens:
+            out.append(r)
+    raise ValueError(f"could not draw {n} summary requests of {min_tokens}-{max_tokens} tokens")

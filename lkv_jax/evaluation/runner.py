@@ -556,6 +556,20 @@ def run_cell(model, task: EvalTask, press_spec: PressSpec | None, setting: Setti
     return _compute_cells(model, task, [cell], cfg, oracle=oracle, progress=progress)[0]
 
 
+def _answered_by_fullkv(task: EvalTask, full: dict, out_dir) -> tuple[EvalTask, dict]:
+    """The task with each sample's answer set to FullKV's own prediction, and the FullKV cell rescored
+    against it (its own answer: 100 wherever it answered anything) and written back."""
+    predictions = {r["id"]: r["prediction"] for r in full["samples"]}
+    samples = tuple(dataclasses.replace(s, answers=(predictions[s.id],)) for s in task.samples)
+    task = dataclasses.replace(task, samples=samples)
+    by_id = {s.id: s for s in samples}
+    records = [{**r, "answers": [predictions[r["id"]]], "score": float(task.score(r["prediction"], by_id[r["id"]]))}
+               for r in full["samples"]]
+    full = {**full, "samples": records, "score": 100.0 * float(np.mean([r["score"] for r in records]))}
+    _write_json(cell_path(out_dir, FULL_KV, "full", task.name), full)
+    return task, full
+
+
 def _buildable(spec: PressSpec, setting: Setting, adapter, bar) -> bool:
     """Whether the press exists at this setting; a cell that cannot (e.g. a window larger than the budget)
     is skipped with a note and the grid goes on. A missing adapter or an unknown press is an error."""
@@ -586,7 +600,12 @@ def run_eval(model, tasks: list[EvalTask], cfg: EvalConfig, out_dir, *, adapter=
     cells = []
     try:
         for task in tasks:
-            full = run_cell(model, task, None, None, cfg, out_dir, progress=bar, model_fp=model_fp)
+            if task.answers_from_fullkv:  # FullKV's answers are the references: scored once they exist
+                full = run_cell(model, dataclasses.replace(task, score=lambda p, s: 0.0), None, None, cfg, out_dir,
+                                progress=bar, model_fp=model_fp)
+                task, full = _answered_by_fullkv(task, full, out_dir)
+            else:
+                full = run_cell(model, task, None, None, cfg, out_dir, progress=bar, model_fp=model_fp)
             cells.append(full)
             oracle = OracleLabels({r["id"]: r["generated_ids"] for r in full["samples"]}) if cfg.oracle else None
             slots: list[dict | _Cell] = []  # in grid order: finished cells' dicts, or cells to compute

@@ -39,7 +39,9 @@ class EvalTask:
     """A named list of samples, how many tokens to generate, how to read and score the output.
 
     score(prediction_text, sample) -> float in [0, 1]; decode(token ids) -> text (special tokens
-    dropped); eos_token_ids None means the model config's EOS ids.
+    dropped); eos_token_ids None means the model config's EOS ids. answers_from_fullkv: the samples carry
+    no answers; each sample's answer is the model's own FullKV prediction (the runner fills it in), so
+    `score` measures how much of the full cache's answer an eviction keeps (open-ended long answers).
     """
 
     name: str
@@ -48,6 +50,7 @@ class EvalTask:
     score: Callable[[str, EvalSample], float]
     decode: Callable[[Sequence[int]], str]
     eos_token_ids: tuple[int, ...] | None = None
+    answers_from_fullkv: bool = False
 
     def __post_init__(self):
         if not self.samples:
@@ -205,3 +208,37 @@ def _ruler_scorer() -> Callable[[str, EvalSample], float]:
         return float(METRICS[sample.extra["metric"]](postprocess(prediction), list(sample.answers)))
 
     return score
+
+
+def summary_task(encoder, *, length: int, n_samples: int, seed: int = 0, split: str = "eval",
+                 max_new_tokens: int = 128) -> EvalTask:
+    """Summarise an essay passage of the evaluation half: a long, open answer. The prompt (chat template
+    included) plus `max_new_tokens` fits in `length` tokens of `encoder` (a `synthetic.HFPromptEncoder`);
+    the request after the passage is the question segment. Scored by ROUGE-L F (LongBench's, as pltrdy/rouge)
+    against the model's own FullKV summary (`answers_from_fullkv`). Task name `summary-<length>`."""
+    from lkv_jax.data.longbench_metrics import rouge_l_f
+    from lkv_jax.data.request_prompts import summary_requests
+
+    marker = "\u0000USER\u0000"
+    templated = encoder.chat_template is not None
+    head, tail = encoder.render(marker).split(marker) if templated else ("", "")
+    overhead = encoder.count(head + tail) + 8
+    reqs = summary_requests(n_samples, min_tokens=(length - max_new_tokens - overhead) * 3 // 4,
+                            max_tokens=length - max_new_tokens - overhead, count=encoder.count, seed=seed,
+                            split=split)
+    tok = encoder.tokenizer
+    samples = []
+    for i, r in enumerate(reqs):
+        passage = r.user[: -len(r.question)]
+        context = tok.encode(head + passage, add_special_tokens=not templated).ids
+        question = tok.encode(r.question + tail, add_special_tokens=False).ids
+        samples.append(EvalSample(id=f"summary-{length}-{seed}-{split}-{i}", context_ids=np.asarray(context, np.int32),
+                                  question_ids=np.asarray(question, np.int32), answers=(), extra={"source": r.source}))
+
+    def score(prediction: str, sample: EvalSample) -> float:
+        return float(rouge_l_f(prediction, sample.answers[0])) if sample.answers[0].strip() else 0.0
+
+    eos = None if encoder.eos_id is None else (int(encoder.eos_id),)
+    return EvalTask(name=f"summary-{length}", samples=tuple(samples), max_new_tokens=max_new_tokens, score=score,
+                    decode=lambda ids: tok.decode(list(ids), skip_special_tokens=True), eos_token_ids=eos,
+                    answers_from_fullkv=True)
