@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lkv_jax.errors import ConfigError, SequenceTooLongError, UnsupportedModelError
+
 # architectures string in config.json -> family name used in this package
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -19,10 +21,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-
-
-class UnsupportedModelError(ValueError):
-    """The checkpoint describes a model lkv_jax cannot run faithfully."""
+# keys every supported config.json has (the rest have defaults)
+REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +66,7 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
@@ -76,12 +76,30 @@ class ModelConfig:
         """G = N / K, query heads per KV head."""
         return self.num_attention_heads // self.num_key_value_heads
 
-    def check_length(self, total_length: int) -> None:
-        """Raise if a sequence of `total_length` tokens would hit the sliding window.
+    @property
+    def max_length(self) -> int:
+        """Positions the model supports: max_position_embeddings, or more where the config's llama3 RoPE
+        scaling says so (original_max_position_embeddings x factor). Linear scaling adds nothing: HF
+        configs that use it already state the scaled length in max_position_embeddings."""
+        if self.rope.rope_type == "llama3":
+            scaled = int(self.rope.original_max_position_embeddings * self.rope.factor)
+            return max(int(self.max_position_embeddings), scaled)
+        return int(self.max_position_embeddings)
 
-        We implement full attention only; a Mistral-style window shorter than the sequence would
-        change results silently, so it is an error instead.
+    def check_length(self, total_length: int) -> None:
+        """Raise if a sequence of `total_length` tokens (prompt plus whatever follows it: a scoring
+        suffix, generated tokens) exceeds the model's positions or would hit the sliding window.
+
+        Past `max_length` RoPE extrapolates and the results are silently wrong. We implement full
+        attention only; a Mistral-style window shorter than the sequence would change results silently
+        too, so both are errors instead.
         """
+        if total_length > self.max_length:
+            raise SequenceTooLongError(
+                f"sequence of {total_length} tokens (prompt plus suffix or generated tokens) exceeds the "
+                f"model's {self.max_length} positions (max_position_embeddings / RoPE scaling in config.json); "
+                "shorten the prompt or generate fewer tokens"
+            )
         if self.sliding_window is not None and total_length > self.sliding_window:
             raise UnsupportedModelError(
                 f"sequence of {total_length} tokens exceeds the model's sliding_window="
@@ -91,6 +109,15 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """The config of a Hugging Face config.json dict; ConfigError names a missing or invalid key."""
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"a config must be a JSON object, got {type(cfg).__name__}")
+        missing = [k for k in REQUIRED_KEYS if k not in cfg]
+        if missing:
+            raise ConfigError(f"config misses required keys {missing}")
+        bad = [f"{k}={cfg[k]!r}" for k in REQUIRED_KEYS if not _is_positive_int(cfg[k])]
+        if bad:
+            raise ConfigError(f"config keys must be positive integers: {', '.join(bad)}")
         archs = cfg.get("architectures") or []
         family = None
         for a in archs:
@@ -141,7 +168,19 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> ModelConfig:
-        return cls.from_hf_dict(json.loads(Path(path).read_text()))
+        """Read a config.json; ConfigError names the file and what is wrong with it."""
+        try:
+            cfg = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a text file ({e.reason})") from None
+        try:
+            return cls.from_hf_dict(cfg)
+        except ConfigError as e:
+            raise type(e)(f"{path}: {e}") from None
+        except (TypeError, ValueError, AttributeError) as e:  # a value of the wrong type deeper in
+            raise ConfigError(f"{path}: invalid value ({e})") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A config.json for the same model (used when writing HF directories)."""
@@ -186,6 +225,10 @@ class ModelConfig:
         elif self.family == "mistral":
             d["sliding_window"] = None
         return d
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _rope_from_hf(cfg: dict[str, Any]) -> RopeConfig:

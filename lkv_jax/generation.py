@@ -76,6 +76,8 @@ def generate(model: Transformer, input_ids, max_new_tokens: int, press=None, *, 
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    # refused before anything is allocated: decoding continues right after each row's prompt
+    model.config.check_length(_longest_prompt(input_ids, attention_mask) + max_new_tokens)
     if press is None:
         cache, logits = prefill(model, input_ids, attention_mask, chunk_size=chunk_size,
                                 extra_capacity=max_new_tokens)
@@ -86,6 +88,14 @@ def generate(model: Transformer, input_ids, max_new_tokens: int, press=None, *, 
         cache, logits = out.cache.grow(max_new_tokens), out.logits
     return generate_from_cache(model, cache, logits, max_new_tokens, eos_token_id=eos_token_id,
                                pad_token_id=pad_token_id)
+
+
+def _longest_prompt(input_ids, attention_mask) -> int:
+    """Real tokens in the longest row of a (left-padded) prompt batch."""
+    ids = np.asarray(input_ids)
+    if attention_mask is None:
+        return int(ids.shape[-1])
+    return int(np.asarray(attention_mask).astype(bool).reshape(-1, ids.shape[-1]).sum(-1).max())
 
 
 def generate_from_cache(model: Transformer, cache: KVCache, first_logits, max_new_tokens: int, *,

@@ -23,6 +23,7 @@ from flax import nnx
 
 from lkv_jax.attention import attention_with_probs, blockwise_causal_attention, dense_causal_attention
 from lkv_jax.cache import KVCache, write_entries
+from lkv_jax.errors import InputError
 from lkv_jax.models.transformer import NO_LORA, LoraContext, Transformer
 from lkv_jax.suffix_scoring import kv_head_scores
 
@@ -50,6 +51,8 @@ def prepare_prompt(input_ids, attention_mask=None, chunk_size: int = DEFAULT_CHU
     input_ids int [B, T] (or [T]); attention_mask 0/1 [B, T], padding on the left. Real tokens get
     positions 0, 1, ... per row (as `generate` in transformers), pads are invalid cache entries.
     """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or chunk_size < 1:
+        raise InputError(f"chunk_size (prefill chunk) must be a positive integer, got {chunk_size!r}")
     ids = np.asarray(input_ids)
     if ids.ndim == 1:
         ids = ids[None]
@@ -65,7 +68,7 @@ def prepare_prompt(input_ids, attention_mask=None, chunk_size: int = DEFAULT_CHU
     if not mask.any(axis=1).all():
         raise ValueError("every row needs at least one real token (attention_mask all zero in a row)")
     if vocab_size is not None and ((ids[mask] < 0).any() or (ids[mask] >= vocab_size).any()):
-        raise ValueError(f"token ids must lie in [0, {vocab_size})")
+        raise InputError(f"token ids must lie in [0, {vocab_size})")
     B, T = ids.shape
     n_chunks = -(-T // chunk_size)
     chunk = -(-T // n_chunks)
@@ -351,7 +354,8 @@ def prefill(model: Transformer, input_ids, attention_mask=None, *, chunk_size: i
     prompt = prepare_prompt(input_ids, attention_mask, chunk_size, model.config.vocab_size)
     T_orig = np.asarray(input_ids).shape[-1]
     Tp = prompt.ids.shape[1]
-    model.config.check_length(T_orig + extra_capacity)
+    # positions are counted from each row's first real token: left padding takes none
+    model.config.check_length(int(np.asarray(prompt.valid).sum(1).max()) + extra_capacity)
     graphdef, params = nnx.split(model)
     cache, logits = _prefill_jit(graphdef, params, prompt.ids, prompt.valid, prompt.positions,
                                  chunk=prompt.chunk, capacity=Tp + extra_capacity, all_logits=all_logits)

@@ -22,6 +22,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lkv_jax.config import ModelConfig
+from lkv_jax.errors import MeshError
 
 AXES = ("data", "fsdp", "tensor")
 LOGICAL_RULES: dict[str, str | None] = {
@@ -54,10 +55,6 @@ _PARAM_AXES = {
     ("up", "bias"): ("mlp",),
     ("down", "bias"): ("embed",),
 }
-
-
-class MeshError(ValueError):
-    """A mesh that does not fit the model or the batch."""
 
 
 @dataclasses.dataclass(frozen=True)

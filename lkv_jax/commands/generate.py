@@ -88,6 +88,7 @@ def run(args) -> int:
     import numpy as np
 
     from lkv_jax.checkpoint.orbax_io import load
+    from lkv_jax.commands.checks import check_token_ids, require_positive
     from lkv_jax.generation import generate
 
     model_dir = Path(args.model)
@@ -105,9 +106,9 @@ def run(args) -> int:
             raise ValueError("the prompt encodes to no tokens")
     else:
         ids = parse_ids(args.prompt_ids)
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    require_positive(max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size)
     model = load(model_dir, dtype=args.dtype)  # Hugging Face or converted (orbax) directory
+    check_token_ids(ids, model.config.vocab_size, "--prompt-ids" if args.prompt is None else "--prompt")
     press = build_press(args, model)
     tokens = generate(model, np.asarray([ids], np.int32), args.max_new_tokens, press=press,
                       chunk_size=args.chunk_size)[0]

@@ -25,8 +25,10 @@ def run(args) -> int:
     from pathlib import Path
 
     from lkv_jax.checkpoint.hf import load_hf
+    from lkv_jax.commands.checks import require_positive
     from lkv_jax.lookahead.label_store import make_label_dataset, read_prompts
 
+    require_positive(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, chunk_size=args.chunk_size)
     tok = args.tokenizer
     if tok is None and (Path(args.model) / "tokenizer.json").is_file():
         tok = Path(args.model) / "tokenizer.json"

@@ -81,7 +81,8 @@ def compute_labels(model, prompts, responses, *, chunk_size: int = DEFAULT_CHUNK
     ids, mask = pad_left(prompts, prompt_length)
     prompt = prepare_prompt(ids, mask, chunk_size, model.config.vocab_size)
     r_ids, r_mask = pad_right(responses, response_length)
-    model.config.check_length(ids.shape[1] + r_ids.shape[1])
+    # real lengths: the padding (left of the prompt, right of the response) takes no position
+    model.config.check_length(max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True)))
     graphdef, params = nnx.split(model)
     lab = np.asarray(_labels_jit(graphdef, params, prompt.ids, prompt.valid, prompt.positions,
                                  jnp.asarray(r_ids), jnp.asarray(r_mask), chunk=prompt.chunk))

@@ -22,12 +22,11 @@ def lookahead_glimpse(model, cache: KVCache, adapter: LookaheadAdapter, *, appen
     over the L lookahead queries of each query head's attention on every cache slot (score_heads="kv":
     [B, K, S_l], also averaged over each KV head's group, by the score-and-evict op; inference only).
     """
+    # every tensor's shape against the model (static: also under jit), before a mismatch surfaces as a
+    # broadcasting error deep inside the glimpse
+    adapter.check_model(model.config)
     B = cache.next_position.shape[0]
     L, D = adapter.embeddings.shape
-    if D != model.config.hidden_size:
-        raise ValueError(f"adapter embeddings have width {D}, the model's hidden size is {model.config.hidden_size}")
-    if len(adapter.layers) != model.config.num_hidden_layers:
-        raise ValueError(f"adapter has {len(adapter.layers)} layers, the model {model.config.num_hidden_layers}")
     x = jnp.broadcast_to(adapter.embeddings.astype(model.dtype)[None], (B, L, D))
     return glimpse_pure(model, cache, x, lora=adapter.layers, lora_scale=adapter.scale,
                         lora_mask=jnp.ones((B, L), bool), reduce="mean", append=append, logits=False,

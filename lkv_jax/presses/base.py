@@ -108,7 +108,10 @@ class BasePress:
         if self.budget is not None:
             if self.compression_ratio != 0.0:
                 raise ValueError("give either compression_ratio or budget, not both")
-            if int(self.budget) + self.extra_kept < max(1, self.n_protected):
+            if int(self.budget) + self.extra_kept < 1:
+                raise ValueError(f"budget={self.budget} keeps no entry of {type(self).__name__}; the budget "
+                                 "counts the entries kept per layer and KV head and must be >= 1")
+            if int(self.budget) + self.extra_kept < self.n_protected:
                 raise ValueError(f"budget={self.budget} is smaller than the {self.n_protected} protected "
                                  f"entries (window/sinks) of {type(self).__name__}; raise the budget")
 

@@ -64,6 +64,11 @@ class LookaheadKVPress(BasePress):
     def suffix_slots(self) -> int:
         return self.adapter.n_lookahead
 
+    def compress(self, model, prompt, prefix=None):
+        # outside jit, before the first glimpse: a mismatch is one AdapterMismatchError naming the tensor
+        self.adapter.check_model(model.config)
+        return super().compress(model, prompt, prefix)
+
     def prefill_and_score(self, model, prompt_ids, valid, positions, chunk, prefix=None):
         adapter = self.adapter
         T = prompt_ids.shape[1]
