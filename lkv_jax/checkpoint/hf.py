@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
+from lkv_jax.atomic_files import atomic_copy, atomic_write_text
+from lkv_jax.checkpoint.safetensors_io import open_safetensors, save_safetensors
 from lkv_jax.config import ModelConfig
+from lkv_jax.errors import CheckpointError
 from lkv_jax.models.transformer import Transformer, abstract_transformer
+from lkv_jax.output_dirs import remove_weight_files
 
 # (HF name, our path, transpose); {i} is a layer index, {p} one of the listed projection names
 _TABLE = [
@@ -48,10 +49,6 @@ _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json", "vocab.json", "merges.txt", "chat_template.jinja")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded as it stands."""
 
 
 def hf_to_path(name: str) -> tuple[str, bool] | None:
@@ -128,7 +125,7 @@ def load_hf(directory: str | Path, dtype=None) -> Transformer:
     tensors: dict[str, np.ndarray] = {}
     unexpected = []
     for f in files:
-        with safe_open(str(f), framework="numpy") as sf:
+        with open_safetensors(f) as sf:
             for name in sf.keys():
                 if _IGNORED.match(name):
                     continue
@@ -194,16 +191,19 @@ def model_tensors(model: Transformer) -> dict[str, np.ndarray]:
 def save_hf(model: Transformer, directory: str | Path, *, max_shard_bytes: int | None = None,
             copy_tokenizer_from: str | Path | None = None) -> Path:
     """Write `model` as a Hugging Face directory (config.json + safetensors, sharded above
-    `max_shard_bytes` with a `model.safetensors.index.json`)."""
+    `max_shard_bytes` with a `model.safetensors.index.json`). Weights already in `directory` are removed
+    first: a stale shard index would otherwise shadow the new weights. Files are written atomically (a
+    symlink at a file's name is replaced, never written through) with the user's umask."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = model_tensors(model)
     cfg = model.config.to_hf_dict()
     cfg["torch_dtype"] = cfg["dtype"] = str(np.dtype(model.dtype)) if model.dtype != jnp.bfloat16 else "bfloat16"
-    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    remove_weight_files(directory)
+    atomic_write_text(directory / "config.json", json.dumps(cfg, indent=2))
     meta = {"format": "pt"}
     if max_shard_bytes is None:
-        save_file(tensors, str(directory / "model.safetensors"), metadata=meta)
+        save_safetensors(tensors, directory / "model.safetensors", meta)
     else:
         shards, current, size = [], {}, 0
         for name in sorted(tensors):
@@ -217,17 +217,18 @@ def save_hf(model: Transformer, directory: str | Path, *, max_shard_bytes: int |
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(directory / fname), metadata=meta)
+            save_safetensors(shard, directory / fname, meta)
             weight_map.update({n: fname for n in shard})
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
-        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        atomic_write_text(directory / "model.safetensors.index.json", json.dumps(index, indent=2))
     if copy_tokenizer_from is not None:
         copy_tokenizer_files(copy_tokenizer_from, directory)
     return directory
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
+    """Copy the tokenizer and generation files of `src` into `dst` (atomically: a link in dst is replaced)."""
     for name in TOKENIZER_FILES:
         f = Path(src) / name
         if f.exists() and Path(src).resolve() != Path(dst).resolve():
-            shutil.copy2(f, Path(dst) / name)
+            atomic_copy(f, Path(dst) / name)

@@ -15,8 +15,10 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from lkv_jax.atomic_files import atomic_write_text
 from lkv_jax.checkpoint.hf import CheckpointError, copy_tokenizer_files, load_hf, read_config, resolve_dtype, save_hf
 from lkv_jax.models.transformer import Transformer, abstract_transformer
+from lkv_jax.output_dirs import remove_weight_files
 
 PARAMS_DIR = "params"
 
@@ -27,12 +29,14 @@ def is_converted(directory: str | Path) -> bool:
 
 def save_converted(model: Transformer, directory: str | Path, *, source_dir: str | Path | None = None) -> Path:
     """Write `model` as a converted (orbax) directory; overwrites an existing one atomically (orbax
-    writes to a temporary directory and renames)."""
+    writes to a temporary directory and renames). Other weights already in `directory` are removed
+    first, so that the directory holds one model only."""
     directory = Path(directory).absolute()  # orbax needs absolute paths
     directory.mkdir(parents=True, exist_ok=True)
     cfg = model.config.to_hf_dict()
     cfg["dtype"] = jax.numpy.dtype(model.dtype).name
-    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    remove_weight_files(directory)  # also a `params` symlink, which orbax would write through
+    atomic_write_text(directory / "config.json", json.dumps(cfg, indent=2))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / PARAMS_DIR, params, force=True)
@@ -59,8 +63,9 @@ def load_converted(directory: str | Path, dtype=None, shardings=None) -> Transfo
     with ocp.StandardCheckpointer() as ckptr:
         try:
             params = ckptr.restore(directory / PARAMS_DIR, target)
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{directory}: parameters do not match config.json: {e}") from e
+        except (ValueError, KeyError, OSError) as e:
+            raise CheckpointError(f"{directory}: parameters do not restore (corrupt, or not matching "
+                                  f"config.json): {e}") from e
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 

@@ -158,9 +158,13 @@ def build_tasks(args) -> list:
 
 def run(args) -> int:
     import lkv_jax
+    from lkv_jax.commands.checks import require_positive
     from lkv_jax.evaluation.report import write_report
     from lkv_jax.evaluation.runner import EvalConfig, PressSpec, run_eval
+    from lkv_jax.output_dirs import claim_output_dir
 
+    require_positive(batch_size=args.batch_size, chunk_size=args.chunk_size, pad_multiple=args.pad_multiple)
+    claim_output_dir(args.out, "eval")  # refuses a model's directory or another command's output
     cfg = EvalConfig(presses=tuple(PressSpec.parse(p) for p in args.presses), budgets=args.budgets or (),
                      ratios=args.ratios or (), mode="question-agnostic" if args.question_agnostic else "query-aware",
                      batch_size=args.batch_size, chunk_size=args.chunk_size, pad_multiple=args.pad_multiple,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lkv_jax.atomic_files import atomic_write, atomic_write_text
 from lkv_jax.evaluation.runner import FULL_KV
 from lkv_jax.evaluation.uncertainty import paired_difference, score_interval
 
@@ -290,7 +291,7 @@ def plot_scores(cells: list[dict], path) -> Path:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return Path(path)
 
@@ -313,7 +314,7 @@ def plot_overhead(cells: list[dict], path) -> Path:
     ax.axhline(0, color="black", linewidth=0.8)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return Path(path)
 
@@ -350,7 +351,7 @@ def plot_oracle(cells: list[dict], path) -> Path | None:
     a2.set_title(f"per layer at {grid['kind']} {_x_label(grid, x0)}")
     a2.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return Path(path)
 
@@ -362,8 +363,8 @@ def write_report(out_dir, reference: str | None = None) -> dict[str, Path]:
     cells = load_cells(out_dir)
     text, numbers = markdown_report(cells, reference)
     paths = {"table": out_dir / "results.md", "summary": out_dir / "summary.json"}
-    paths["table"].write_text(text)
-    paths["summary"].write_text(json.dumps(numbers, indent=1) + "\n")
+    atomic_write_text(paths["table"], text)  # a symlink there is replaced, never written through
+    atomic_write_text(paths["summary"], json.dumps(numbers, indent=1) + "\n")
     has_press = any(c["press"] != FULL_KV for c in cells)
     if has_press:
         paths["scores_plot"] = plot_scores(cells, out_dir / "scores.png")

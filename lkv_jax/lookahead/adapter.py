@@ -21,11 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lkv_jax.config import ModelConfig
+from lkv_jax.errors import AdapterMismatchError, CheckpointError
 from lkv_jax.models.transformer import PROJECTIONS
-
-
-class AdapterMismatchError(ValueError):
-    """An adapter (or adapter file) does not fit the model it is used with."""
 
 
 @jax.tree_util.register_dataclass
@@ -161,39 +158,51 @@ def check_adapter_shapes(config: ModelConfig, shapes: dict[str, tuple[int, ...]]
 
 
 def save_adapter(adapter: LookaheadAdapter, path) -> None:
-    """Write the adapter as one safetensors file (float32) with rank/alpha/targets in its metadata."""
-    from safetensors.numpy import save_file
+    """Write the adapter as one safetensors file (float32) with rank/alpha/targets in its metadata
+    (atomically, with the user's umask)."""
+    from lkv_jax.checkpoint.safetensors_io import save_safetensors
 
     tensors = {k: np.asarray(v, np.float32) for k, v in flatten_named(adapter).items()}
     meta = {"format": "lkv_jax.lookahead", "rank": str(adapter.rank), "alpha": repr(float(adapter.alpha)),
             "targets": json.dumps(list(adapter.targets)), "n_lookahead": str(adapter.n_lookahead),
             "n_layers": str(adapter.n_layers)}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=meta)
+    save_safetensors(tensors, path, meta)
 
 
 def load_adapter(path, config: ModelConfig | None = None) -> LookaheadAdapter:
-    """Read a file written by `save_adapter`; with `config`, check it fits that model."""
-    from safetensors import safe_open
+    """Read a file written by `save_adapter`; with `config`, check it fits that model. A truncated or
+    garbage file raises CheckpointError."""
+    from lkv_jax.checkpoint.safetensors_io import open_safetensors
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no adapter file at {path}")
-    with safe_open(str(path), framework="numpy") as f:
+    with open_safetensors(path) as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if meta.get("format") != "lkv_jax.lookahead":
         raise AdapterMismatchError(f"{path} is not a lookahead adapter file (metadata {meta})")
-    rank, alpha = int(meta["rank"]), float(meta["alpha"])
-    targets = _check_targets(json.loads(meta["targets"]))
-    n_layers = int(meta["n_layers"])
+    rank, alpha, targets, n_layers = _adapter_metadata(meta, path)
     if config is not None:
         if config.num_hidden_layers != n_layers:
             raise AdapterMismatchError(f"adapter {path} was made for {n_layers} layers, "
                                        f"the model has {config.num_hidden_layers}")
         check_adapter_shapes(config, {k: v.shape for k, v in tensors.items()}, rank, targets)
-    layers = tuple({name: {"a": jnp.asarray(tensors[f"layers.{l}.{name}.lora_a"]),
-                           "b": jnp.asarray(tensors[f"layers.{l}.{name}.lora_b"])} for name in targets}
-                   for l in range(n_layers))
-    return LookaheadAdapter(embeddings=jnp.asarray(tensors["lookahead.embeddings"]), layers=layers, rank=rank,
-                            alpha=alpha, targets=targets)
+    try:
+        layers = tuple({name: {"a": jnp.asarray(tensors[f"layers.{l}.{name}.lora_a"]),
+                               "b": jnp.asarray(tensors[f"layers.{l}.{name}.lora_b"])} for name in targets}
+                       for l in range(n_layers))
+        embeddings = jnp.asarray(tensors["lookahead.embeddings"])
+    except KeyError as e:
+        raise CheckpointError(f"{path} lacks the adapter tensor {e}") from None
+    return LookaheadAdapter(embeddings=embeddings, layers=layers, rank=rank, alpha=alpha, targets=targets)
+
+
+def _adapter_metadata(meta: dict, path) -> tuple[int, float, tuple[str, ...], int]:
+    """(rank, alpha, targets, n_layers) from an adapter file's metadata; CheckpointError if they are not there."""
+    try:
+        return (int(meta["rank"]), float(meta["alpha"]), _check_targets(json.loads(meta["targets"])),
+                int(meta["n_layers"]))
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: adapter metadata is missing or invalid ({e!r})") from None
