@@ -40,6 +40,9 @@ def add_arguments(p) -> None:
                    help="run the step over a device mesh of these axis sizes (e.g. 4,2,1 on 8 chips; the batch "
                         "size must be divisible by DATA); default: one device")
     p.add_argument("--stop-after", type=int, default=None, help="stop at this step (resume later with the same args)")
+    p.add_argument("--restart", action="store_true",
+                   help="start over: move an existing run in OUT to OUT/previous-runs/<n>/ (e.g. to rerun a "
+                        "diverged run with a lower --lr); without it an existing run is resumed")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -62,6 +65,6 @@ def run(args) -> int:
     from lkv_jax.lookahead.training import train
 
     cfg = config_from_args(args)
-    train(cfg, progress=not args.no_progress, stop_after=args.stop_after)
+    train(cfg, progress=not args.no_progress, stop_after=args.stop_after, restart=args.restart)
     print(f"adapter: {Path(cfg.out_dir) / 'adapter.safetensors'}; metrics: {Path(cfg.out_dir) / 'metrics.jsonl'}")
     return 0

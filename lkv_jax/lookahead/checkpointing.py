@@ -8,14 +8,23 @@ node type (the adapter dataclass, optax's named tuples) round-trips without orba
 Sharded `jax.Array` leaves are saved as they are (every process writes its shards) and restored with
 the template's shardings, so a checkpoint written on one mesh restores onto another: give templates
 placed on the new mesh.
+
+A damaged checkpoint (truncated tensor file, empty step directory, a missing item) does not block a
+resume: `restore_newest` falls back to the newest one that restores and moves the damaged ones aside
+(never deletes them), so the resumed run can write those steps anew.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import logging
 from pathlib import Path
 
 import jax
 import numpy as np
+
+from lkv_jax.output_dirs import move_aside
 
 
 def _flat(tree) -> dict:
@@ -51,8 +60,9 @@ class TrainCheckpointer:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self._ocp = ocp
         self.directory = Path(directory).absolute()  # orbax needs absolute paths
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        with _quiet_orbax():
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -79,9 +89,77 @@ class TrainCheckpointer:
         return (_unflat(adapter_template, r["adapter"]), _unflat(opt_state_template, r["opt_state"]),
                 r["data"], r["info"])
 
+    def restore_newest(self, adapter_template, opt_state_template, check_info=None):
+        """Restore the newest checkpoint that restores: (step, (adapter, opt_state, data_state, info)) or
+        (None, None) if none does, and the `Skipped` newer ones, moved aside (next to `directory`) so that
+        their steps can be written again. `check_info(info)` may raise to refuse a checkpoint (other
+        settings): that error propagates, it is not a damaged checkpoint."""
+        skipped = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                with _quiet_orbax():
+                    info = self.read_info(step)
+            except Exception as e:  # whatever a damaged step raises, it is skipped
+                skipped.append(Skipped(step, _reason(e)))
+                continue
+            if check_info is not None:
+                check_info(info)
+            try:
+                with _quiet_orbax():
+                    restored = self.restore(step, adapter_template, opt_state_template)
+            except Exception as e:  # likewise
+                skipped.append(Skipped(step, _reason(e)))
+                continue
+            return step, restored, self._set_aside(skipped)
+        return None, None, self._set_aside(skipped)
+
+    def _set_aside(self, skipped: list) -> list:
+        """Move the skipped steps' directories to <directory>-unrestorable/<n>/ (process 0) and rescan."""
+        if not skipped:
+            return skipped
+        target = self.directory.with_name(self.directory.name + "-unrestorable")
+        if jax.process_index() == 0:
+            dest = move_aside([self.directory / str(s.step) for s in skipped], target)
+            skipped = [dataclasses.replace(s, moved_to=dest / str(s.step)) for s in skipped]
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("lkv_jax: damaged checkpoints moved aside")
+        with _quiet_orbax():
+            self.manager.reload()
+        return skipped
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A checkpoint step that did not restore, why (one line), and where it was moved."""
+
+    step: int
+    reason: str
+    moved_to: Path | None = None
+
+
+def _reason(error: BaseException, limit: int = 200) -> str:
+    """One line about why a checkpoint did not restore (orbax / tensorstore messages run long)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    text = f"{type(error).__name__}: {text}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Silence orbax's warnings about a damaged step (e.g. missing metadata): the skip message says it."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lkv_jax.atomic_files import atomic_write_text, open_append
+from lkv_jax.errors import TrainingDivergedError
 from lkv_jax.inference import prefill_pure
 from lkv_jax.lookahead.adapter import LookaheadAdapter, init_adapter, param_summary, save_adapter
 from lkv_jax.lookahead.data_pipeline import DEFAULT_BUCKETS, check_buckets, make_dataset, prefill_chunk
@@ -32,12 +35,9 @@ from lkv_jax.lookahead.labels import labels_from_cache
 from lkv_jax.lookahead.loss import label_mass_recall, lookahead_loss
 from lkv_jax.lookahead.scoring import lookahead_glimpse
 from lkv_jax.models.transformer import PROJECTIONS
+from lkv_jax.output_dirs import claim_output_dir, move_aside
 
 LABEL_SOURCES = ("dataset", "on-the-fly")
-
-
-class TrainingDivergedError(RuntimeError):
-    """The loss or the gradient became NaN/Inf; the last good checkpoint was left intact."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,11 +150,44 @@ def _optimisation_key(cfg: TrainConfig) -> TrainConfig:
 
 
 def _trim_metrics(path: Path, last_step: int) -> None:
-    """On resume, drop metric lines past the checkpoint (they are recomputed identically)."""
-    if not path.is_file():
+    """Drop metric lines past the step the run starts from (they are recomputed identically; all of
+    them on a fresh start). Rewritten atomically: a symlink there becomes a file of the run directory."""
+    if not path.exists() and not path.is_symlink():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    lines = path.read_text().splitlines() if path.exists() else []
+    keep = [ln for ln in lines if ln.strip() and _metric_step(ln) <= last_step]
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def _metric_step(line: str) -> float:
+    """The step of a metrics.jsonl line (a line that is not a metrics record counts as past every step)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return math.inf
+    return record.get("step", 0) if isinstance(record, dict) else math.inf
+
+
+# the files of a run directory (what --restart moves aside)
+RUN_FILES = ("checkpoints", "checkpoints-unrestorable", "metrics.jsonl", "config.json", "adapter.safetensors")
+
+
+def set_aside_run(out_dir) -> Path | None:
+    """Move a run's files into out_dir/previous-runs/<n>/ (to start it over with other settings, e.g. a
+    lower learning rate after a divergence; nothing is deleted). Returns that folder, None if no run."""
+    out = Path(out_dir)
+    present = [out / name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
+    return move_aside(present, out / "previous-runs") if present else None
+
+
+def diverged_message(step: int, m: dict, bucket: int, last_good: int | None, ckpt_dir: Path, cfg: TrainConfig) -> str:
+    """What a divergence at `step` means and how to go on (one line)."""
+    kept = (f"the last good checkpoint (step {last_good}) in {ckpt_dir} is intact" if last_good is not None
+            else "no checkpoint had been written yet")
+    return (f"step {step}: loss {m['loss']}, gradient norm {m['grad_norm']} (prompt bucket {bucket}); stopped, {kept}. "
+            f"Check the labels of this batch, or start over with a lower learning rate: rerun with "
+            f"--lr {cfg.learning_rate / 2:g} --restart (moves this run to {Path(cfg.out_dir) / 'previous-runs'}) "
+            "or with a new output directory")
 
 
 # settings a resumed run must share with the checkpointed one (else it is not the same run)
@@ -168,7 +201,8 @@ def check_resumable(saved: dict, cfg: TrainConfig) -> None:
     diff = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in RUN_DEFINING if k in saved and saved[k] != now[k]]
     if diff:
         raise ValueError(f"{cfg.out_dir} holds a run with other settings ({'; '.join(diff)}); resume with the "
-                         "same settings or use a new output directory")
+                         "same settings, start over with --restart (the old run is moved aside), or use a new "
+                         "output directory")
 
 
 @jax.jit
@@ -232,12 +266,16 @@ class _Placement:
         return self._steps[T](self.base, adapter, opt_state, batch)
 
 
-def train(cfg: TrainConfig, *, model=None, progress: bool = True, stop_after: int | None = None) -> LookaheadAdapter:
+def train(cfg: TrainConfig, *, model=None, progress: bool = True, stop_after: int | None = None,
+          restart: bool = False) -> LookaheadAdapter:
     """Train (or resume) an adapter per `cfg`; returns it and writes `out_dir/adapter.safetensors`.
 
-    out_dir/checkpoints/ holds orbax checkpoints (resumed automatically), out_dir/metrics.jsonl the
-    metrics, out_dir/config.json the config. `model`: an already loaded base (else cfg.model_dir).
-    `stop_after`: stop once this step is reached (to split a run across preemptible jobs).
+    out_dir/checkpoints/ holds orbax checkpoints (resumed automatically, from the newest one that
+    restores: damaged newer ones are reported and moved to checkpoints-unrestorable/), out_dir/metrics.jsonl
+    the metrics, out_dir/config.json the config. An out_dir that holds a model or another command's
+    output is refused (OutputDirError). `model`: an already loaded base (else cfg.model_dir).
+    `stop_after`: stop once this step is reached (to split a run across preemptible jobs). `restart`:
+    move an existing run to out_dir/previous-runs/<n>/ and start over (e.g. with a lower learning rate).
     Raises TrainingDivergedError on a non-finite loss or gradient, before it reaches a checkpoint.
 
     With `cfg.mesh` the step runs over a device mesh (`lkv_jax.distributed.train_step_on_mesh`); when
@@ -258,6 +296,7 @@ def train(cfg: TrainConfig, *, model=None, progress: bool = True, stop_after: in
 
         model = load_hf(cfg.model_dir, dtype=cfg.dtype)
     source = LabelDataset(cfg.data_dir)
+    source.check_files()  # a damaged sample: one line naming it, before any compilation
     meta = source.meta
     mc = model.config
     if (meta["n_layers"], meta["n_heads"]) != (mc.num_hidden_layers, mc.num_attention_heads):
@@ -266,10 +305,14 @@ def train(cfg: TrainConfig, *, model=None, progress: bool = True, stop_after: in
     too_long = int((source.prompt_lengths > cfg.buckets[-1]).sum())
     if too_long:
         raise ValueError(f"{too_long} prompts are longer than the largest bucket {cfg.buckets[-1]}; add a bucket")
+    mc.check_length(int(source.prompt_lengths.max()) + cfg.n_lookahead)  # the glimpse's positions
 
     lead = jax.process_index() == 0  # the process that writes the metrics and the adapter file
-    out = Path(cfg.out_dir).absolute()
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output_dir(cfg.out_dir, "train", subdirs=("checkpoints",))
+    if restart and lead:
+        moved = set_aside_run(out)
+        if moved is not None:
+            print(f"lkv train: the previous run was moved to {moved}", file=sys.stderr)
     metrics_path = out / "metrics.jsonl"
 
     optimizer = make_optimizer(cfg)
@@ -283,36 +326,37 @@ def train(cfg: TrainConfig, *, model=None, progress: bool = True, stop_after: in
                            process_index=jax.process_index(), process_count=jax.process_count())
     it = iter(dataset)
     ckpt = TrainCheckpointer(out / "checkpoints", keep=cfg.keep_checkpoints)
+    try:
+        latest, restored, skipped = ckpt.restore_newest(
+            adapter, opt_state, lambda info: check_resumable(info.get("config", {}), cfg))
+    except BaseException:
+        ckpt.close()
+        raise
+    for s in skipped if lead else ():
+        print(f"lkv train: skipped checkpoint step {s.step}, it does not restore ({s.reason}); moved to "
+              f"{s.moved_to}; resuming from {'step ' + str(latest) if latest is not None else 'the start'}",
+              file=sys.stderr)
     step = 0
-    latest = ckpt.latest_step()
     if latest is not None:
-        try:
-            check_resumable(ckpt.read_info(latest).get("config", {}), cfg)
-            adapter, opt_state, data_state, _ = ckpt.restore(latest, adapter, opt_state)
-        except BaseException:
-            ckpt.close()
-            raise
+        adapter, opt_state, data_state, _ = restored
         it.set_state(data_state)
         step = latest
-        if lead:
-            _trim_metrics(metrics_path, step)
     if lead:
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        _trim_metrics(metrics_path, step)
+        atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
     end = cfg.steps if stop_after is None else min(cfg.steps, int(stop_after))
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not (progress and lead))
     t0 = time.perf_counter()
     try:
-        with open(metrics_path if lead else os.devnull, "a") as log:
+        with open_append(metrics_path) if lead else open(os.devnull, "a") as log:
             while step < end:
                 batch = next(it)
                 T = batch["prompt_ids"].shape[1]
                 new_adapter, new_opt, m = placement.step(adapter, opt_state, batch)
                 m = {k: float(v) for k, v in jax.device_get(m).items()}
                 if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and bool(_all_finite(new_adapter))):
-                    raise TrainingDivergedError(
-                        f"step {step + 1}: loss {m['loss']}, gradient norm {m['grad_norm']} (prompt bucket {T}); "
-                        f"stopped, the last good checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is "
-                        "intact. Check the labels of this batch, or lower the learning rate.")
+                    raise TrainingDivergedError(diverged_message(step + 1, m, T, ckpt.latest_step(), ckpt.directory,
+                                                                 cfg))
                 adapter, opt_state = new_adapter, new_opt
                 step += 1
                 if step % cfg.log_every == 0 or step == end:
