@@ -4,8 +4,8 @@ A command that writes a directory (`lkv train`, `lkv make-labels`, `lkv eval`) c
 must be new, empty, unrelated, or that command's own (resumable) output, and it then gets a marker file
 naming the command. A directory that holds a model, or another command's output, is refused: training
 into the model's directory used to write its config.json over the model's. `lkv convert` writes a model
-and refuses any non-empty destination unless told to overwrite it (then the old weights go first, so
-that a stale shard index cannot shadow the new weights).
+and refuses any non-empty destination unless told to overwrite it (then its writers remove the old
+weights before writing, so that a stale shard index cannot shadow the new weights).
 
 Outputs are created inside the output directory only: a subdirectory that is a symlink is refused, and
 files are written with `lkv_jax.atomic_files` (a symlink at a file's name is replaced, not followed).
@@ -103,22 +103,19 @@ def _refuse_symlink(path: Path) -> None:
 
 
 def check_convert_destination(src, dst, *, overwrite: bool = False) -> Path:
-    """Make `dst` ready for a converted model: new or empty, or (with overwrite) cleared of old weights.
-
-    Refuses dst = src, a file, and a non-empty directory unless `overwrite`; with `overwrite` removes
-    the old weight files, shard index and converted params first (other files are replaced one by one).
-    """
+    """Refuse a destination a conversion must not write: the source itself, a file, or a non-empty
+    directory unless `overwrite`. Changes nothing: the writers (`save_hf`, `save_converted`, the GGUF
+    import) remove the old weights and shard index only once the source has loaded, just before they
+    write the new ones, so a failed conversion leaves the destination as it was."""
     s, d = Path(src), Path(dst)
     if d.exists() and s.exists() and d.resolve() == s.resolve():
         raise OutputDirError(f"the destination {dst} is the source; convert into another directory")
     if d.exists() and not d.is_dir():
         raise OutputDirError(f"destination {dst} exists and is not a directory")
-    if d.is_dir() and any(d.iterdir()):
-        if not overwrite:
-            raise OutputDirError(f"destination {dst} is not empty; pass --overwrite to replace the model in it "
-                                 "(its old weights and shard index are removed first)")
-        remove_weight_files(d)
-    return d  # created by the writer, once the source has loaded
+    if d.is_dir() and any(d.iterdir()) and not overwrite:
+        raise OutputDirError(f"destination {dst} is not empty; pass --overwrite to replace the model in it "
+                             "(its old weights and shard index are removed first)")
+    return d
 
 
 def remove_weight_files(directory) -> list[Path]:

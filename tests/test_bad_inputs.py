@@ -124,6 +124,11 @@ def test_convert_refuses_a_non_empty_destination_or_the_source(world, capsys):
     refused(capsys, world, "convert", world.model_dir, dst, "--to", "hf", words=("not empty", "--overwrite"))
     refused(capsys, world, "convert", world.model_dir, world.model_dir, "--to", "hf", "--overwrite",
             words=("is the source",))
+    # --overwrite from a source that does not load: the destination is left as it was
+    broken = model_copy(world, "broken_source")
+    _truncate(broken / "model.safetensors")
+    assert run(capsys, "convert", world.model_dir, dst / "model", "--to", "hf")[0] == 0
+    refused(capsys, world, "convert", broken, dst / "model", "--to", "hf", "--overwrite", words=("truncated",))
 
 
 def test_convert_overwrite_removes_stale_shards_and_never_writes_through_links(world, capsys, tmp_path):
@@ -367,6 +372,7 @@ def test_every_library_error_is_an_lkv_error_at_its_old_import_path():
                 errors.ConfigError, errors.DataError, errors.OutputDirError, errors.SequenceTooLongError):
         assert issubclass(cls, errors.LkvError) and issubclass(cls, ValueError), cls
     assert CheckpointError is errors.CheckpointError and UnsupportedModelError is errors.UnsupportedModelError
+    assert lkv_jax.LkvError is errors.LkvError
 
 
 def test_debug_shows_the_traceback_and_a_bug_always_does(world, capsys, monkeypatch):

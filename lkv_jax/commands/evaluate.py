@@ -164,7 +164,6 @@ def run(args) -> int:
     from lkv_jax.output_dirs import claim_output_dir
 
     require_positive(batch_size=args.batch_size, chunk_size=args.chunk_size, pad_multiple=args.pad_multiple)
-    claim_output_dir(args.out, "eval")  # refuses a model's directory or another command's output
     cfg = EvalConfig(presses=tuple(PressSpec.parse(p) for p in args.presses), budgets=args.budgets or (),
                      ratios=args.ratios or (), mode="question-agnostic" if args.question_agnostic else "query-aware",
                      batch_size=args.batch_size, chunk_size=args.chunk_size, pad_multiple=args.pad_multiple,
@@ -179,6 +178,7 @@ def run(args) -> int:
 
         adapter = load_adapter(args.adapter, model.config)
     tasks = build_tasks(args)
+    claim_output_dir(args.out, "eval")  # after every other check: refuses a model's directory or another run
     run_eval(model, tasks, cfg, args.out, adapter=adapter, progress=not args.no_progress)
     paths = write_report(args.out, reference=args.reference)
     print(paths["table"].read_text())
