@@ -11,11 +11,17 @@ def add_arguments(p) -> None:
     p.add_argument("dst", help="output directory")
     p.add_argument("--to", choices=("orbax", "hf"), default="orbax")
     p.add_argument("--max-shard-mb", type=float, default=None, help="shard HF safetensors above this size")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the model in a non-empty DST (its old weights and shard index are removed first)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="parameter dtype of a .gguf import (default float32)")
 
 
 def run(args) -> int:
+    from lkv_jax.output_dirs import check_convert_destination
+
+    # before any branch: every conversion refuses a non-empty DST unless --overwrite
+    check_convert_destination(args.src, args.dst, overwrite=args.overwrite)
     if str(args.src).endswith(".gguf"):
         from lkv_jax.checkpoint.gguf import convert_gguf
 
