@@ -9,6 +9,7 @@ damaged checkpoint and finishes bit-identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -217,6 +218,9 @@ def _empty_the_step(step: Path) -> None:
     step.mkdir()
 
 
+# orbax's failed restore of a truncated file leaves coroutines that raise when collected (harmless; a real
+# `lkv train` process prints nothing of them): collected and ignored inside this test
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", [_truncate_a_tensor_file, _empty_the_step,
                                     lambda step: shutil.rmtree(step / "opt_state")],
                          ids=["truncated tensor file", "empty step directory", "missing opt_state"])
@@ -233,6 +237,7 @@ def test_resume_skips_a_damaged_latest_checkpoint(world, capsys, runs, damage):
     assert checksums(world.root, skip=out) == before
     moved = out / "checkpoints-unrestorable" / "1" / "6"  # never deleted: moved aside as it was
     assert checksums(moved) == {k.replace(str(out / "checkpoints" / "6"), str(moved)): v for k, v in kept.items()}
+    gc.collect()
     resumed, full = load_adapter(out / "adapter.safetensors"), load_adapter(runs.full / "adapter.safetensors")
     for x, y in zip(jax.tree.leaves(resumed), jax.tree.leaves(full), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
