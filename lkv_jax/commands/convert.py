@@ -25,7 +25,7 @@ def run(args) -> int:
     if str(args.src).endswith(".gguf"):
         from lkv_jax.checkpoint.gguf import convert_gguf
 
-        out = convert_gguf(args.src, args.dst, dtype=args.dtype or "float32")
+        out = convert_gguf(args.src, args.dst, dtype=args.dtype or "float32", overwrite=args.overwrite)
         print(f"wrote {out}")
         return 0
     if args.dtype is not None:
