@@ -103,6 +103,32 @@ def train_adapter(model, encoder, out: Path, plan: Plan, t0: float) -> Path:
     return out / "adapter" / "adapter.safetensors"
 
 
+def training_curves(out: Path) -> dict:
+    """Loss and label-mass recall of the training run, from OUT/adapter/metrics.jsonl: a PNG beside it and
+    the figures at a few steps {step: {loss, recall@64, recall@128, recall@256}}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in (out / "adapter" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss" in r]
+    steps = [r["step"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    a.plot(steps, [r["loss"] for r in rows])
+    a.set(xlabel="step", ylabel="KL(label || prediction)", title="training loss")
+    for k in ("recall@64", "recall@128", "recall@256"):
+        b.plot(steps, [r[k] for r in rows], label=k)
+    b.set(xlabel="step", ylabel="label mass kept", title="recall of the label's attention mass")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(out / "adapter" / "curves.png", dpi=110)
+    plt.close(fig)
+    marks = sorted({steps[0], *steps[len(steps) // 4:: max(1, len(steps) // 4)], steps[-1]})
+    keys = ("loss", "recall@64", "recall@128", "recall@256")
+    return {st: {k: r[k] for k in keys} for r in rows for st in marks if r["step"] == st}
+
+
 def evaluate(model, adapter, tasks, presses, budgets, out: Path, *, reference: str | None, batch_size: int = 8):
     from lkv_jax.evaluation.report import write_report
     from lkv_jax.evaluation.runner import EvalConfig, PressSpec, run_eval
@@ -157,6 +183,7 @@ def main(argv=None) -> int:
     ap.add_argument("--adapter", default=None, help="adapter file to compare (default: the shipped one)")
     ap.add_argument("--quick", action="store_true", help="a smoke-sized run")
     ap.add_argument("--steps", type=int, default=None, help="adapter training steps (default: the plan's)")
+    ap.add_argument("--lengths", default=None, help="comparison lengths, comma separated (default: 2048,4096)")
     args = ap.parse_args(argv)
 
     import lkv_jax
@@ -167,6 +194,8 @@ def main(argv=None) -> int:
     plan = PLANS["quick" if args.quick else "default"]
     if args.steps is not None:
         plan = dataclasses.replace(plan, steps=args.steps)
+    if args.lengths:
+        plan = dataclasses.replace(plan, eval_lengths=tuple(int(x) for x in args.lengths.split(",")))
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
