@@ -218,10 +218,10 @@ def summary_task(encoder, *, length: int, n_samples: int, seed: int = 0, split: 
     against the model's own FullKV summary (`answers_from_fullkv`). Task name `summary-<length>`."""
     from lkv_jax.data.longbench_metrics import rouge_l_f
     from lkv_jax.data.request_prompts import summary_requests
+    from lkv_jax.data.ruler_chat import ChatPrompts
 
-    marker = "\u0000USER\u0000"
-    templated = encoder.chat_template is not None
-    head, tail = encoder.render(marker).split(marker) if templated else ("", "")
+    chat = ChatPrompts(encoder)  # the chat template's text before and after the user turn
+    templated, head, tail = chat.templated, chat.head, chat.tail
     overhead = encoder.count(head + tail) + 8
     reqs = summary_requests(n_samples, min_tokens=(length - max_new_tokens - overhead) * 3 // 4,
                             max_tokens=length - max_new_tokens - overhead, count=encoder.count, seed=seed,
