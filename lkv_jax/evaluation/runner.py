@@ -38,7 +38,7 @@ from flax import nnx
 from lkv_jax.compression import compress_prompt, shared_prefix
 from lkv_jax.evaluation.oracle import coverage, evidence_recall, kept_mask, response_labels, slots_to_positions
 from lkv_jax.evaluation.tasks import EvalSample, EvalTask
-from lkv_jax.inference import DEFAULT_CHUNK, PromptPrefix, glimpse, prefill, prepare_prompt
+from lkv_jax.inference import DEFAULT_CHUNK, Prompt, PromptPrefix, glimpse, prefill, prepare_prompt
 from lkv_jax.lookahead.labels import pad_left, pad_right
 from lkv_jax.presses.base import accepts_prefix
 
@@ -281,19 +281,18 @@ class _Timer:
         return 1000.0 * (time.perf_counter() - self.start)
 
 
-def _batch_ids(batch: list[EvalSample], cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The padded (ids, mask) [batch_size, T] a batch is compressed as (the context alone if agnostic)."""
+def _batch_prompt(model, batch: list[EvalSample], cfg: EvalConfig) -> Prompt:
+    """The prepared prompt [batch_size, T] a batch is compressed as (the context alone if agnostic)."""
     agnostic = cfg.mode == "question-agnostic"
     rows = [s.context_ids if agnostic else s.prompt_ids for s in batch]
-    return _padded(rows, cfg.batch_size, cfg.pad_multiple)
+    ids, mask = _padded(rows, cfg.batch_size, cfg.pad_multiple)
+    return prepare_prompt(ids, mask, cfg.chunk_size, model.config.vocab_size)
 
 
-def _batch_prefix(model, batch: list[EvalSample], cfg: EvalConfig, presses) -> PromptPrefix | None:
+def _batch_prefix(model, prompt: Prompt, cfg: EvalConfig, presses) -> PromptPrefix | None:
     """The batch's shared prefix for `presses` (None when sharing is off or the prompt is too short)."""
     if not cfg.share_prefill or not presses:
         return None
-    ids, mask = _batch_ids(batch, cfg)
-    prompt = prepare_prompt(ids, mask, cfg.chunk_size, model.config.vocab_size)
     windows = [getattr(getattr(p, "press", p), "window_size", 0) for p in presses]  # AdaKV wraps its scorer
     tail = max([cfg.prefix_tail, *windows])
     tail = -(-tail // 8) * 8
@@ -303,11 +302,11 @@ def _batch_prefix(model, batch: list[EvalSample], cfg: EvalConfig, presses) -> P
 
 def _run_batch(model, batch: list[EvalSample], task: EvalTask, press, cfg: EvalConfig, eos: tuple[int, ...],
                pad_id: int, *, measure: bool, warm_up: bool, oracle: OracleLabels | None,
-               prefix: PromptPrefix | None = None) -> tuple[list[dict], dict]:
+               prompt: Prompt | None = None, prefix: PromptPrefix | None = None) -> tuple[list[dict], dict]:
     """Compress (or fully prefill), append the question if agnostic, generate, score, and (measure)
     time compress against a plain prefill: best of `timing_repeats` alternating runs, after one warm-up
-    run of each when the shape is new (compilation excluded). `prefix`: the batch's `_batch_prefix`,
-    which compression starts from unless the batch is timed.
+    run of each when the shape is new (compilation excluded). `prompt`: the batch's `_batch_prompt` (made
+    here if None); `prefix`: its `_batch_prefix`, which compression starts from unless the batch is timed.
 
     Returns per-sample records and the batch's timings {compress_ms, prefill_ms} (ms for the whole
     padded batch; empty when not measured)."""
@@ -315,8 +314,8 @@ def _run_batch(model, batch: list[EvalSample], task: EvalTask, press, cfg: EvalC
 
     agnostic = cfg.mode == "question-agnostic"
     B, n_real = cfg.batch_size, len(batch)
-    ids, mask = _batch_ids(batch, cfg)
-    prompt = prepare_prompt(ids, mask, cfg.chunk_size, model.config.vocab_size)
+    prompt = _batch_prompt(model, batch, cfg) if prompt is None else prompt
+    ids, mask = prompt.ids, prompt.valid
     Q = len(batch[0].question_ids) if agnostic else 0
     room = Q + task.max_new_tokens
     timing: dict[str, float] = {}
@@ -478,9 +477,8 @@ class _Cell:
 def _plan_cell(model, task: EvalTask, press_spec: PressSpec | None, setting: Setting | None, cfg: EvalConfig,
                out_dir, adapter, model_fp: str | None) -> tuple[_Cell, dict | None]:
     """The cell and, when its JSON is already complete for the same inputs, that JSON."""
-    label = FULL_KV if press_spec is None else (press_spec.label or press_spec.name)
-    setting_label = "full" if press_spec is None else setting.label
-    path = cell_path(out_dir, label, setting_label, task.name)
+    named = _Cell(press_spec, setting, None, Path(), {})  # its label and setting label name the file
+    path = cell_path(out_dir, named.label, named.setting_label, task.name)
     # what makes a finished cell reusable: same inputs, mode, model and (LookaheadKV) adapter
     uses_adapter = press_spec is not None and press_spec.needs_adapter
     fingerprint = {"fingerprint": task_fingerprint(task), "results_version": RESULTS_VERSION, "mode": cfg.mode,
@@ -508,7 +506,8 @@ def _compute_cells(model, task: EvalTask, cells: list[_Cell], cfg: EvalConfig, *
     agnostic = cfg.mode == "question-agnostic"
     presses = [c.press for c in cells if c.press is not None and accepts_prefix(c.press)]
     for batch in _batches(task.samples, cfg.batch_size, agnostic):
-        prefix = _batch_prefix(model, batch, cfg, presses) if len(presses) > 1 else None
+        prompt = _batch_prompt(model, batch, cfg)
+        prefix = _batch_prefix(model, prompt, cfg, presses) if len(presses) > 1 else None
         # a new padded shape compiles: a measured batch runs it once untimed first
         shape = (_bucket(max(len(s.context_ids if agnostic else s.prompt_ids) for s in batch), cfg.pad_multiple),
                  len(batch[0].question_ids) if agnostic else 0)
@@ -518,7 +517,7 @@ def _compute_cells(model, task: EvalTask, cells: list[_Cell], cfg: EvalConfig, *
             measure = cfg.measure_overhead and (cfg.timing_batches == 0 or len(cell.timings) < cfg.timing_batches)
             recs, tm = _run_batch(model, batch, task, cell.press, cfg, eos, pad_id, measure=measure,
                                   warm_up=shape not in cell.warmed, oracle=oracle if cfg.oracle else None,
-                                  prefix=prefix)
+                                  prompt=prompt, prefix=prefix)
             if measure:
                 cell.warmed.add(shape)
                 cell.timings.append(tm)
