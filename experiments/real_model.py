@@ -27,8 +27,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SHIPPED = Path(__file__).resolve().parent.parent / "lkv_jax" / "assets" / "smollm2_lookahead"
-ALL_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
-             "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
 # the response-attention oracle: the model's own full-cache answer scores the prompt (what LookaheadKV learns)
 ORACLE = "speckv:draft_model=self:window_size=1:kernel_size=1:reduction=mean:n_draft_tokens=64"
 PRESSES = ("lookaheadkv", "snapkv", "snapkv-paper", "pyramidkv", "streamingllm", "tova", "knorm",
@@ -209,7 +207,9 @@ def main(argv=None) -> int:
                 else ruler_task(t, encoder, length=L, n_samples=n, seed=1) for t in names for L in lengths]
 
     if args.stage == "fullkv":
-        tasks = tasks_for(ALL_TASKS, plan.fullkv_lengths, plan.fullkv_samples)
+        from lkv_jax.data.ruler import TASKS
+
+        tasks = tasks_for(tuple(TASKS), plan.fullkv_lengths, plan.fullkv_samples)
         paths = evaluate(model, None, tasks, (), (plan.budgets[0],), out / "fullkv", reference=None,
                          batch_size=min(8, plan.fullkv_samples))
         print(paths["table"].read_text())
