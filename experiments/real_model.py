@@ -192,6 +192,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lengths", default=None, help="comparison lengths, comma separated (default: the plan's)")
     ap.add_argument("--presses", default=None,
                     help="comparison presses, comma separated (`oracle` for the response oracle; default: the plan's)")
+    ap.add_argument("--budgets", default=None, help="comparison budgets, comma separated (default: the plan's)")
     args = ap.parse_args(argv)
 
     import lkv_jax
@@ -204,6 +205,8 @@ def main(argv=None) -> int:
         plan = dataclasses.replace(plan, steps=args.steps)
     if args.lengths:
         plan = dataclasses.replace(plan, eval_lengths=tuple(int(x) for x in args.lengths.split(",")))
+    if args.budgets:
+        plan = dataclasses.replace(plan, budgets=tuple(int(x) for x in args.budgets.split(",")))
     if args.presses:
         plan = dataclasses.replace(plan, presses=tuple(ORACLE if p == "oracle" else p for p in args.presses.split(",")))
     out = Path(args.out).absolute()
