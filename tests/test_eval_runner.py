@@ -158,6 +158,38 @@ def test_runner_end_to_end_writes_cells_table_plots_and_resumes(tiny, tmp_path, 
     assert "streamingllm" not in table and "budget 16" not in table
 
 
+def test_interrupted_task_keeps_the_cells_it_finished(tiny, tmp_path, keepfirst, monkeypatch):
+    """Cells are computed batch-major; one whose last batch is done is on disk before the next cell runs,
+    so a run killed in the middle of a task resumes with only the unfinished cells."""
+    hf, model, _ = tiny
+    task = make_task(hf)  # 4 samples, batches of 2: two batches per cell
+    cfg = EvalConfig(presses=(PressSpec.parse("streamingllm:n_sink=2"), PressSpec.parse("keepfirst")),
+                     budgets=(8, 16), batch_size=2, oracle=False, measure_overhead=False)
+    real_run_batch = runner_mod._run_batch
+    calls = []
+
+    def killed_at_the_third_cell_of_the_last_batch(*a, **k):
+        calls.append(k["prompt"].ids.shape)
+        if len(calls) == 5 + 3:  # 5 cells x batch 1, then 2 cells of batch 2 finish, the 3rd is killed
+            raise KeyboardInterrupt
+        return real_run_batch(*a, **k)
+
+    monkeypatch.setattr(runner_mod, "_run_batch", killed_at_the_third_cell_of_the_last_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(model, [task], cfg, tmp_path, progress=False)
+    written = [json.loads(p.read_text()) for p in (tmp_path / "cells").rglob("*.json")]
+    kept = [c for c in written if c.get("complete")]
+    assert len(kept) == 2 and all(c["n_samples"] == 4 for c in kept)
+
+    calls.clear()
+    monkeypatch.setattr(runner_mod, "_run_batch", lambda *a, **k: (calls.append(1), real_run_batch(*a, **k))[1])
+    cells = run_eval(model, [task], cfg, tmp_path, progress=False)
+    assert len(calls) == (5 - 2) * 2  # only the three unfinished cells, each over both batches
+    reference = run_eval(model, [task], cfg, tmp_path / "uninterrupted", progress=False)
+    assert [(c["press"], c["setting"], c["score"]) for c in cells] == \
+        [(c["press"], c["setting"], c["score"]) for c in reference]
+
+
 def test_question_agnostic_full_cache_matches_query_aware_reference(tiny, tmp_path):
     # compress the context, append the question on the cache, generate: with the full cache this is
     # exactly transformers' generation from context + question

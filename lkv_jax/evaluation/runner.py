@@ -501,17 +501,19 @@ def _task_eos(model, task: EvalTask) -> tuple[tuple[int, ...], int]:
 def _compute_cells(model, task: EvalTask, cells: list[_Cell], cfg: EvalConfig, *, oracle: OracleLabels | None,
                    progress=None) -> list[dict]:
     """Run every batch of the task through every cell (one shared prefill per batch), write each cell's
-    JSON, return the cell dicts."""
+    JSON as soon as its last batch is done, return the cell dicts."""
     eos, pad_id = _task_eos(model, task)
     agnostic = cfg.mode == "question-agnostic"
     presses = [c.press for c in cells if c.press is not None and accepts_prefix(c.press)]
-    for batch in _batches(task.samples, cfg.batch_size, agnostic):
+    batches = list(_batches(task.samples, cfg.batch_size, agnostic))
+    finished: dict[int, dict] = {}
+    for b, batch in enumerate(batches):
         prompt = _batch_prompt(model, batch, cfg)
         prefix = _batch_prefix(model, prompt, cfg, presses) if len(presses) > 1 else None
         # a new padded shape compiles: a measured batch runs it once untimed first
         shape = (_bucket(max(len(s.context_ids if agnostic else s.prompt_ids) for s in batch), cfg.pad_multiple),
                  len(batch[0].question_ids) if agnostic else 0)
-        for cell in cells:
+        for k, cell in enumerate(cells):
             if progress is not None:
                 progress.set_postfix_str(f"{task.name} {cell.label} {cell.setting_label}", refresh=False)
             measure = cfg.measure_overhead and (cfg.timing_batches == 0 or len(cell.timings) < cfg.timing_batches)
@@ -522,10 +524,12 @@ def _compute_cells(model, task: EvalTask, cells: list[_Cell], cfg: EvalConfig, *
                 cell.warmed.add(shape)
                 cell.timings.append(tm)
             cell.records.extend(recs)
+            if b == len(batches) - 1:  # written as soon as it is whole: a run killed later keeps it
+                finished[k] = _finish_cell(task, cell, cfg)
             if progress is not None:
                 progress.update(len(batch))
         del prefix
-    return [_finish_cell(task, cell, cfg) for cell in cells]
+    return [finished[k] if k in finished else _finish_cell(task, cell, cfg) for k, cell in enumerate(cells)]
 
 
 def _finish_cell(task: EvalTask, cell: _Cell, cfg: EvalConfig) -> dict:
