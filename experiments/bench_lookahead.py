@@ -9,6 +9,8 @@ every method. For each prompt length:
     minus a plain prefill of the same prompt, as % of the plain prefill: LookaheadKV (32 lookahead
     tokens, rank-8 LoRA on all projections), SnapKV (kvpress defaults), SpecKV (a 2-layer hidden-256
     draft generating 32 tokens) and LAQ (8 pseudo tokens from the target);
+  * the same overhead as a user sees it: time to first token through `lkv_jax.generate(model, ids,
+    max_new_tokens=1, press=...)` against `generate` without a press, TTFT(press) / TTFT(no press) - 1;
   * LookaheadKV's cost ratio: draft-method overhead / LookaheadKV overhead (the paper: 14.5x at 32K);
   * one training step (batch 1, labels given): wall time, and peak memory from XLA's compiled memory
     analysis next to that of a plain prefill of the same prompt.
@@ -33,7 +35,7 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_timing import best_interleaved, time_runs  # noqa: E402
+from bench_timing import best_interleaved, profile_calls, time_runs  # noqa: E402
 
 import lkv_jax  # noqa: E402
 from lkv_jax.inference import _prefill_jit, prepare_prompt  # noqa: E402
@@ -70,7 +72,7 @@ def memory(compiled) -> int:
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
 
 
-def bench_eviction(model, draft, ids, budget: int, repeats: int) -> dict:
+def bench_eviction(model, draft, ids, budget: int, repeats: int, profile: str | None = None) -> dict:
     prompt = prepare_prompt(ids, None, 512, model.config.vocab_size)
     graphdef, params = nnx.split(model)
     T = prompt.ids.shape[1]
@@ -86,14 +88,20 @@ def bench_eviction(model, draft, ids, budget: int, repeats: int) -> dict:
         "SpecKV": SpecKVPress(draft, budget=budget, n_draft_tokens=32),
         "LAQ": LAQPress(budget=budget),
     }
-    fns = {"prefill": plain, **{name: (lambda press=press: lkv_jax.compress(model, ids, press))
-                                for name, press in presses.items()}}
+    first_token = lambda press=None: lkv_jax.generate(model, ids, max_new_tokens=1, press=press)
+    fns = {"prefill": plain, "generate": first_token,
+           **{name: (lambda press=press: lkv_jax.compress(model, ids, press)) for name, press in presses.items()},
+           **{f"{name}_generate": (lambda press=press: first_token(press)) for name, press in presses.items()}}
     t = best_interleaved(fns, repeats, clock=CLOCK)
+    if profile:
+        profile_calls({f"{k} T={T}": fn for k, fn in fns.items()}, profile)
     t_prefill = t["prefill"]
-    row = {"prompt_tokens": int(ids.shape[1]), "prefill_s": t_prefill}
+    row = {"prompt_tokens": int(ids.shape[1]), "prefill_s": t_prefill, "generate_s": t["generate"]}
     for name in presses:
-        row[f"{name}_ttft_s"] = t[name]
+        row[f"{name}_ttft_s"] = t[name]  # compress: prefill + scoring + selection
         row[f"{name}_overhead_pct"] = 100.0 * (t[name] - t_prefill) / t_prefill
+        row[f"{name}_generate_s"] = t[f"{name}_generate"]
+        row[f"{name}_ttft_overhead_pct"] = 100.0 * (t[f"{name}_generate"] / t["generate"] - 1)
     lk = row["LookaheadKV_overhead_pct"]
     for name in ("SpecKV", "LAQ"):  # undefined when the overhead is within the timing noise
         row[f"{name}_over_LookaheadKV"] = row[f"{name}_overhead_pct"] / lk if lk > 0 else None
@@ -136,6 +144,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="eviction timing clock: wall time, or process CPU time (for a CPU shared with other jobs)")
+    p.add_argument("--profile", metavar="DIR", default=None,
+                   help="write a jax.profiler trace of one more call of each measured eviction function to DIR")
     p.add_argument("--out", default="bench_lookahead.json", help="JSON results path")
     args = p.parse_args(argv)
     global CLOCK
@@ -148,7 +158,7 @@ def main(argv=None) -> int:
     evict, training = [], []
     for T in lengths:
         ids = rs.randint(3, VOCAB, (1, T)).astype(np.int32)
-        evict.append(bench_eviction(model, draft, ids, args.budget, args.repeats))
+        evict.append(bench_eviction(model, draft, ids, args.budget, args.repeats, args.profile))
         training.append(bench_training(model, T, args.repeats))
     print(f"backend {jax.default_backend()}, budget {args.budget}, dtype {args.dtype}, clock {args.clock}")
     print(f"{'tokens':>7} {'prefill ms':>10} | overhead % of prefill: {'LookaheadKV':>11} {'SnapKV':>7} "
@@ -158,6 +168,12 @@ def main(argv=None) -> int:
               f"{r['LookaheadKV_overhead_pct']:>11.2f} "
               f"{r['SnapKV_overhead_pct']:>7.2f} {r['SpecKV_overhead_pct']:>7.2f} {r['LAQ_overhead_pct']:>7.2f} | "
               f"{_ratio(r['SpecKV_over_LookaheadKV']):>16} {_ratio(r['LAQ_over_LookaheadKV']):>7}")
+    print(f"{'tokens':>7} {'generate ms':>11} | TTFT overhead % through generate(max_new_tokens=1): "
+          f"{'LookaheadKV':>11} {'SnapKV':>7} {'SpecKV':>7} {'LAQ':>7}")
+    for r in evict:
+        print(f"{r['prompt_tokens']:>7} {1e3 * r['generate_s']:>11.1f} | {'':>51} "
+              f"{r['LookaheadKV_ttft_overhead_pct']:>11.2f} {r['SnapKV_ttft_overhead_pct']:>7.2f} "
+              f"{r['SpecKV_ttft_overhead_pct']:>7.2f} {r['LAQ_ttft_overhead_pct']:>7.2f}")
     print(f"{'tokens':>7} {'train step ms':>13} {'step peak MiB':>13} {'prefill peak MiB':>16} {'ratio':>6}")
     for r in training:
         print(f"{r['prompt_tokens']:>7} {1e3 * r['step_s']:>13.1f} {r['step_peak_mib']:>13.1f} "

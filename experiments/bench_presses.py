@@ -9,6 +9,9 @@ Model: Llama, 8 layers, hidden 512, 8 heads, 2 KV heads, float32, random init, b
 prefill (last-token logits) and, per press, of the whole `press.compress` (prefill + scoring + eviction;
 SpecKV includes its draft generation, LAQ its pseudo-token decoding), best of --repeats runs with the
 prefill and the press run alternately (the machine's load hits both alike); overhead = press / prefill - 1.
+Beside it, what a user sees: time to first token through `lkv_jax.generate(model, ids, max_new_tokens=1,
+press=...)` against the same call without a press (both timed in the same round-robin), and the TTFT
+overhead = TTFT(press) / TTFT(no press) - 1.
 
 Side by side with NVIDIA kvpress (SnapKV on the same weights through transformers) when `kvpress` is
 importable (the optional `ref` extra); otherwise the script says so and runs without it.
@@ -30,8 +33,9 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_timing import best_interleaved, time_runs  # noqa: E402
+from bench_timing import best_interleaved, profile_calls, time_runs  # noqa: E402
 
+import lkv_jax  # noqa: E402
 from lkv_jax.config import ModelConfig  # noqa: E402
 from lkv_jax.inference import _prefill_jit, prepare_prompt  # noqa: E402
 from lkv_jax.models.transformer import Transformer  # noqa: E402
@@ -91,6 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk size")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--n-draft-tokens", type=int, default=32, help="SpecKV draft length")
+    ap.add_argument("--profile", metavar="DIR", default=None,
+                    help="write a jax.profiler trace of one more call of each measured function to DIR")
     ap.add_argument("--out", default="runs/bench_presses.json")
     args = ap.parse_args(argv)
     if args.quick:
@@ -112,8 +118,12 @@ def main(argv=None) -> int:
                                          chunk=prompt.chunk, capacity=prompt.ids.shape[1], all_logits=False)
             jax.block_until_ready(logits)
 
+        def first_token(press=None, ids=ids):
+            return lkv_jax.generate(model, ids, max_new_tokens=1, press=press)
+
         t_prefill = time_runs(prefill, args.repeats, reduce=min)
         print(f"T={T:6d}  prefill {t_prefill * 1e3:9.1f} ms", flush=True)
+        traced = {f"prefill T={T}": prefill, f"generate T={T}": first_token}
         for name in names:
             kw = {"draft_model": draft, "n_draft_tokens": args.n_draft_tokens} if name == "speckv" else {}
             press = make_press(name, budget=args.budget, **kw)
@@ -122,11 +132,20 @@ def main(argv=None) -> int:
                 out = press.compress(model, prompt)
                 jax.block_until_ready(out.cache.keys)
 
-            best = best_interleaved({"prefill": prefill, "press": run}, args.repeats)
+            fns = {"prefill": prefill, "press": run, "ttft": first_token,
+                   "ttft_press": lambda press=press: first_token(press)}
+            best = best_interleaved(fns, args.repeats)
             tp, t = best["prefill"], best["press"]
-            row = dict(tokens=T, press=name, prefill_s=tp, press_s=t, overhead_pct=100 * (t / tp - 1))
+            row = dict(tokens=T, press=name, prefill_s=tp, press_s=t, overhead_pct=100 * (t / tp - 1),
+                       ttft_s=best["ttft"], ttft_press_s=best["ttft_press"],
+                       ttft_overhead_pct=100 * (best["ttft_press"] / best["ttft"] - 1))
             rows.append(row)
-            print(f"T={T:6d}  {name:22s} {t * 1e3:9.1f} ms  overhead {row['overhead_pct']:7.2f} %", flush=True)
+            traced.update({f"compress {name} T={T}": run, f"generate {name} T={T}": fns["ttft_press"]})
+            print(f"T={T:6d}  {name:22s} {t * 1e3:9.1f} ms  overhead {row['overhead_pct']:7.2f} %  "
+                  f"TTFT {row['ttft_press_s'] * 1e3:9.1f} ms vs {row['ttft_s'] * 1e3:9.1f} ms: "
+                  f"{row['ttft_overhead_pct']:7.2f} %", flush=True)
+        if args.profile:
+            profile_calls(traced, args.profile)
         ref, why = kvpress_snapkv_seconds(model, ids, args.budget, args.repeats)
         if ref is None:
             print(f"T={T:6d}  side-by-side skipped: {why}", flush=True)
@@ -137,11 +156,14 @@ def main(argv=None) -> int:
                        lkv_jax_speedup=(ref[1] / snap["press_s"]) if snap else None)
             rows.append(row)
             print(f"T={T:6d}  kvpress snapkv {ref[1] * 1e3:9.1f} ms (its prefill {ref[0] * 1e3:.1f} ms)", flush=True)
-    print("\n| tokens | press | prefill ms | prefill + evict ms | overhead % |")
-    print("|---|---|---|---|---|")
+    print("\n| tokens | press | prefill ms | prefill + evict ms | overhead % | TTFT no press ms | TTFT press ms "
+          "| TTFT overhead % |")
+    print("|---|---|---|---|---|---|---|---|")
+    fmt = lambda r, k, scale=1e3: "-" if r.get(k) is None else f"{r[k] * scale:.1f}"
     for r in rows:
         print(f"| {r['tokens']} | {r['press']} | {r['prefill_s'] * 1e3:.1f} | {r['press_s'] * 1e3:.1f} | "
-              f"{r['overhead_pct']:.2f} |")
+              f"{r['overhead_pct']:.2f} | {fmt(r, 'ttft_s')} | {fmt(r, 'ttft_press_s')} | "
+              f"{fmt(r, 'ttft_overhead_pct', 1):s} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(backend=jax.default_backend(), devices=[str(d) for d in jax.devices()], dtype=args.dtype,

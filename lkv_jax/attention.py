@@ -25,6 +25,7 @@ def _ungroup(o: jax.Array) -> jax.Array:
     return o.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, H)
 
 
+@jax.named_scope("attention")  # labels its ops in profiles (experiments/bench_prefill.py --breakdown)
 def blockwise_causal_attention(q, keys, values, key_valid, q_start, block: int, *, return_stats: bool = False):
     """Causal attention of a query chunk over the filled part of a cache, one key block at a time.
 

@@ -78,14 +78,15 @@ def generate(model: Transformer, input_ids, max_new_tokens: int, press=None, *, 
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     # refused before anything is allocated: decoding continues right after each row's prompt
     model.config.check_length(_longest_prompt(input_ids, attention_mask) + max_new_tokens)
+    # the first new token comes from the prompt's logits: the cache needs room for the other n - 1 only
     if press is None:
         cache, logits = prefill(model, input_ids, attention_mask, chunk_size=chunk_size,
-                                extra_capacity=max_new_tokens)
+                                extra_capacity=max_new_tokens - 1)
     else:
         from lkv_jax.compression import compress
 
         out = compress(model, input_ids, press, attention_mask=attention_mask, chunk_size=chunk_size)
-        cache, logits = out.cache.grow(max_new_tokens), out.logits
+        cache, logits = out.cache.grow(max_new_tokens - 1), out.logits
     return generate_from_cache(model, cache, logits, max_new_tokens, eos_token_id=eos_token_id,
                                pad_token_id=pad_token_id)
 
@@ -106,6 +107,9 @@ def generate_from_cache(model: Transformer, cache: KVCache, first_logits, max_ne
     first_logits float32 [B, V] give the first new token; the cache needs room for max_new_tokens - 1
     more entries. Returns int [B, n], n <= max_new_tokens, as `generate`.
     """
+    if max_new_tokens == 1:
+        # no decoding step: the loop would only copy the (undonated) cache into its carry
+        return np.asarray(jnp.argmax(first_logits, -1).astype(jnp.int32))[:, None]
     eos, pad = decoding_ids(model.config, eos_token_id, pad_token_id)
     graphdef, params = nnx.split(model)
     tokens, n = _greedy_loop(graphdef, params, cache, first_logits, max_new_tokens=max_new_tokens, eos=eos, pad=pad)

@@ -176,45 +176,50 @@ def prefill_pure(model: Transformer, prompt_ids, valid, positions, *, chunk: int
     inv_freq = model.inv_freq
     observed = () if observe is None else tuple(observe.init(model, B, capacity) for _ in model.layers)
 
+    last = len(model.layers) - 1
+
     def step(carry, xs):
         keys, values, obs = carry
         i, ids_c, pos_c, valid_c = xs
         q0 = start + i * step_len  # the slot of this step's first query
         x = model.embed_tokens(ids_c)
         keys, values, obs = list(keys), list(values), list(obs)
-        last = len(model.layers) - 1
         for l, layer in enumerate(model.layers):
             q, k, v = layer.qkv(x, pos_c, inv_freq)
             put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
                 buf, jnp.swapaxes(new, 1, 2).astype(buf.dtype), q0, 2)
             keys[l], values[l] = put(keys[l], k), put(values[l], v)
+            if l == last and not all_logits and observe is None:
+                # only the prompt's last token reads the last layer past its keys/values: its query,
+                # attention, o/MLP and LM head run once after the scan, not once per chunk (q is unused
+                # here, so XLA drops its projection)
+                return (tuple(keys), tuple(values), tuple(obs)), (x[:, -1:], None)
             if observe is not None:
                 attn, stats = blockwise_causal_attention(q, keys[l], values[l], key_valid, q0, chunk,
                                                          return_stats=True)
                 obs[l] = observe.update(l, obs[l], PrefillChunk(x, q, k, v, pos_c, valid_c, keys[l], key_valid,
                                                                 q0, chunk, stats))
                 if l == last and not all_logits:
-                    x, attn = x[:, -1:], attn[:, -1:]
-            elif l == last and not all_logits:
-                # nothing reads the last layer's output but the last token's logits: its attention and
-                # o/MLP projections are needed for that one query only (its keys/values are cached above)
-                x = x[:, -1:]
-                attn = blockwise_causal_attention(q[:, -1:], keys[l], values[l], key_valid, q0 + step_len - 1,
-                                                  chunk)
+                    return (tuple(keys), tuple(values), tuple(obs)), (x[:, -1:], attn[:, -1:])
             else:
                 attn = blockwise_causal_attention(q, keys[l], values[l], key_valid, q0, chunk)
             x = layer.finish(x, attn)
-        out = model.logits(x) if all_logits else model.logits(x)[:, 0]
-        return (tuple(keys), tuple(values), tuple(obs)), out
+        return (tuple(keys), tuple(values), tuple(obs)), model.logits(x)
 
     split = lambda a: a[:, start:].reshape(B, n_chunks, step_len).swapaxes(0, 1)
-    (keys, values, observed), logits = jax.lax.scan(
+    (keys, values, observed), out = jax.lax.scan(
         step, (keys0, values0, observed),
         (jnp.arange(n_chunks), split(prompt_ids), split(positions), split(valid)))
     if all_logits:
-        logits = logits.swapaxes(0, 1).reshape(B, T, -1)
+        logits = out.swapaxes(0, 1).reshape(B, T, -1)
     else:
-        logits = logits[-1]
+        # the last step's last token: [B, 1, D] input of the last layer, and its attention if observed
+        x, attn = jax.tree.map(lambda a: a[-1], out)
+        layer = model.layers[last]
+        if attn is None:
+            q, _, _ = layer.qkv(x, positions[:, -1:], inv_freq)
+            attn = blockwise_causal_attention(q, keys[last], values[last], key_valid, T - 1, chunk)
+        logits = model.logits(layer.finish(x, attn))[:, 0]
     K = cfg.num_key_value_heads
     pos = jnp.full((B, K, capacity), -1, jnp.int32).at[:, :, :T].set(jnp.where(valid, positions, -1)[:, None])
     val = jnp.broadcast_to(key_valid[:, None], (B, K, capacity))

@@ -93,24 +93,32 @@ class DecoderLayer(nnx.Module):
     def qkv(self, x: jax.Array, positions: jax.Array, inv_freq, lora: LoraContext = NO_LORA):
         """x [B, T, D] -> q [B, T, N, H], k, v [B, T, K, H] (RoPE applied to q and k)."""
         B, T, _ = x.shape
-        h = self.input_norm(x)
-        q = lora.delta("q", h, self.q(h)).reshape(B, T, self.n_heads, self.head_dim)
-        k = lora.delta("k", h, self.k(h)).reshape(B, T, self.n_kv_heads, self.head_dim)
-        v = lora.delta("v", h, self.v(h)).reshape(B, T, self.n_kv_heads, self.head_dim)
+        # named scopes label the ops in profiles (experiments/bench_prefill.py --breakdown); no effect on the code
+        with jax.named_scope("norm"):
+            h = self.input_norm(x)
+        with jax.named_scope("projections"):
+            q = lora.delta("q", h, self.q(h)).reshape(B, T, self.n_heads, self.head_dim)
+            k = lora.delta("k", h, self.k(h)).reshape(B, T, self.n_kv_heads, self.head_dim)
+            v = lora.delta("v", h, self.v(h)).reshape(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+            with jax.named_scope("norm"):
+                q, k = self.q_norm(q), self.k_norm(k)
+        with jax.named_scope("rope"):
+            return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
     def finish(self, x: jax.Array, attn: jax.Array, lora: LoraContext = NO_LORA) -> jax.Array:
         """Residual stream after attention output `attn` [B, T, N, H] and the MLP."""
         B, T = attn.shape[:2]
         a = attn.reshape(B, T, -1).astype(x.dtype)
-        x = x + lora.delta("o", a, self.o(a))
-        h = self.post_norm(x)
-        g = lora.delta("gate", h, self.gate(h))
-        u = lora.delta("up", h, self.up(h))
-        m = jax.nn.silu(g) * u
-        return x + lora.delta("down", m, self.down(m))
+        with jax.named_scope("projections"):
+            x = x + lora.delta("o", a, self.o(a))
+        with jax.named_scope("norm"):
+            h = self.post_norm(x)
+        with jax.named_scope("mlp"):
+            g = lora.delta("gate", h, self.gate(h))
+            u = lora.delta("up", h, self.up(h))
+            m = jax.nn.silu(g) * u
+            return x + lora.delta("down", m, self.down(m))
 
     def __call__(self, x, positions, inv_freq, attend: Attend, lora: LoraContext = NO_LORA):
         q, k, v = self.qkv(x, positions, inv_freq, lora)
