@@ -193,6 +193,7 @@ def main(argv=None) -> int:
     ap.add_argument("--presses", default=None,
                     help="comparison presses, comma separated (`oracle` for the response oracle; default: the plan's)")
     ap.add_argument("--budgets", default=None, help="comparison budgets, comma separated (default: the plan's)")
+    ap.add_argument("--no-ttft", action="store_true", help="skip the time-to-first-token runs after the comparison")
     args = ap.parse_args(argv)
 
     import lkv_jax
@@ -244,9 +245,10 @@ def main(argv=None) -> int:
     paths = evaluate(model, adapter, tasks, plan.presses, plan.budgets, out / ("eval-full" if args.full else "eval"),
                      reference="lookaheadkv")
     print(paths["table"].read_text())
-    longest = max(tasks, key=lambda t: len(t.samples[0].prompt_ids))
-    ttft = measure_ttft(model, adapter, longest.samples[0], plan.presses, budget=128)
-    (paths["table"].parent / "ttft.json").write_text(json.dumps(ttft, indent=1))
+    if not args.no_ttft:
+        longest = max(tasks, key=lambda t: len(t.samples[0].prompt_ids))
+        ttft = measure_ttft(model, adapter, longest.samples[0], plan.presses, budget=128)
+        (paths["table"].parent / "ttft.json").write_text(json.dumps(ttft, indent=1))
     log(f"done; {', '.join(str(p) for p in paths.values())}", t0)
     return 0
 
