@@ -13,9 +13,9 @@ Beside it, what a user sees: time to first token through `lkv_jax.generate(model
 press=...)` against the same call without a press (both timed in the same round-robin), and the TTFT
 overhead = TTFT(press) / TTFT(no press) - 1.
 
-Side by side with NVIDIA kvpress (SnapKV on the same weights through transformers) when `kvpress` is
-importable (the optional `ref` extra); otherwise the script says so and runs without it.
-Prints a table and writes JSON (--out).
+With --kvpress, NVIDIA kvpress side by side on the same weights (`bench_kvpress.py`: its own venv
+.venv-kvpress, created on first use; SnapKV, StreamingLLM, TOVA, Knorm, ObservedAttention), written to
+OUT with the suffix .kvpress.json. Prints a table and writes JSON (--out).
 """
 
 from __future__ import annotations
@@ -51,40 +51,6 @@ def bench_config(n_layers: int = 8, vocab: int = 32000) -> ModelConfig:
                        eos_token_id=(2,))
 
 
-def kvpress_snapkv_seconds(model, ids, budget: int, repeats: int):
-    """kvpress SnapKVPress (window 64, kernel 5, the ratio matching `budget`) prefill on the same weights,
-    or None with the reason when kvpress is not importable."""
-    try:
-        import kvpress  # noqa: F401
-        import torch
-        import transformers
-    except ImportError as e:
-        return None, f"kvpress not installed ({e.name}); pip install kvpress for the side-by-side"
-    import tempfile
-
-    from kvpress import SnapKVPress as KvSnapKV
-
-    from lkv_jax.checkpoint.hf import save_hf
-
-    with tempfile.TemporaryDirectory() as d:
-        save_hf(model, d)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32,
-                                                               attn_implementation="sdpa").eval()
-    T = ids.shape[1]
-    press = KvSnapKV(compression_ratio=max(0.0, 1.0 - budget / T))
-    x = torch.tensor(ids)
-
-    def run():
-        with torch.no_grad(), press(hf):
-            hf(x, use_cache=True, logits_to_keep=1)
-
-    def plain():
-        with torch.no_grad():
-            hf(x, use_cache=True, logits_to_keep=1)
-
-    return (time_runs(plain, repeats, reduce=min), time_runs(run, repeats, reduce=min)), None
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
@@ -98,6 +64,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", metavar="DIR", default=None,
                     help="write a jax.profiler trace of one more call of each measured function to DIR")
     ap.add_argument("--out", default="runs/bench_presses.json")
+    ap.add_argument("--kvpress", action="store_true",
+                    help="also time NVIDIA kvpress on the same weights (bench_kvpress.py; creates .venv-kvpress)")
     args = ap.parse_args(argv)
     if args.quick:
         args.lengths, args.repeats = [512, 1024], 2
@@ -146,16 +114,6 @@ def main(argv=None) -> int:
                   f"{row['ttft_overhead_pct']:7.2f} %", flush=True)
         if args.profile:
             profile_calls(traced, args.profile)
-        ref, why = kvpress_snapkv_seconds(model, ids, args.budget, args.repeats)
-        if ref is None:
-            print(f"T={T:6d}  side-by-side skipped: {why}", flush=True)
-        else:
-            snap = next((r for r in rows if r["tokens"] == T and r["press"] == "snapkv"), None)
-            row = dict(tokens=T, press="kvpress-snapkv", prefill_s=ref[0], press_s=ref[1],
-                       overhead_pct=100 * (ref[1] / ref[0] - 1),
-                       lkv_jax_speedup=(ref[1] / snap["press_s"]) if snap else None)
-            rows.append(row)
-            print(f"T={T:6d}  kvpress snapkv {ref[1] * 1e3:9.1f} ms (its prefill {ref[0] * 1e3:.1f} ms)", flush=True)
     print("\n| tokens | press | prefill ms | prefill + evict ms | overhead % | TTFT no press ms | TTFT press ms "
           "| TTFT overhead % |")
     print("|---|---|---|---|---|---|---|---|")
@@ -167,10 +125,15 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(backend=jax.default_backend(), devices=[str(d) for d in jax.devices()], dtype=args.dtype,
-                budget=args.budget, chunk=args.chunk, repeats=args.repeats, n_draft_tokens=args.n_draft_tokens,
-                kvpress=ref is not None if args.lengths else None)
+                budget=args.budget, chunk=args.chunk, repeats=args.repeats, n_draft_tokens=args.n_draft_tokens)
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     print(f"wrote {out}")
+    if args.kvpress:
+        import bench_kvpress
+
+        both = [n for n in names if n in bench_kvpress.PRESSES]
+        bench_kvpress.run(args.lengths, both, budget=args.budget, repeats=args.repeats,
+                          out=out.with_suffix(".kvpress.json"))
     return 0
 
 
