@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lkv_jax.attention import attention_with_probs, blockwise_causal_attention, dense_causal_attention
+from lkv_jax.attention import attention_with_probs, blockwise_causal_attention, cache_attention, dense_causal_attention
 from lkv_jax.cache import KVCache, write_entries
 from lkv_jax.errors import InputError
 from lkv_jax.models.transformer import NO_LORA, LoraContext, Transformer
@@ -305,8 +305,12 @@ def glimpse_pure(model: Transformer, cache: KVCache, x, *, lora=None, lora_scale
                                       reduce=reduce, implementation=implementation, interpret=interpret)
         else:
             if append:
-                seen = poss[l][:, :, None, None, :] <= positions[:, None, None, :, None]
-                out, p = attention_with_probs(q, keys[l], values[l], valids[l][:, :, None, None, :] & seen)
+                seen = valids[l][:, :, None, None, :] & (
+                    poss[l][:, :, None, None, :] <= positions[:, None, None, :, None])
+                if scores:
+                    out, p = attention_with_probs(q, keys[l], values[l], seen)
+                else:  # decoding: no probabilities to return
+                    out = cache_attention(q, keys[l], values[l], seen)
             else:
                 out, p = attention_with_probs(q, keys[l], values[l], valids[l][:, :, None, None, :],
                                               extra=(k, v, causal))
