@@ -4,6 +4,7 @@ references, and (--e2e) the end-to-end LookaheadKV-style eviction overhead as a 
     python experiments/bench_kernel.py                  # S = 8K, 32K, 128K; L=32, N=32, K=8, H=128, bf16
     python experiments/bench_kernel.py --e2e            # + eviction overhead on a 4-layer Llama-3.1-8B shape at 32K
     python experiments/bench_kernel.py --quick --e2e    # ~1 min on CPU (Pallas interpreted: not a speed figure)
+    python experiments/bench_kernel.py --e2e --skip-kernels --e2e-tokens 8192   # the e2e run alone, at 8K
 
 Per S it times (median of --repeats after a warm-up, each under jit):
   attn  the suffix-attention reference (dense jnp, [B, K, G, L, S] float32 probabilities) vs the Pallas
@@ -243,6 +244,8 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=4, help="layers of the e2e Llama-3.1-8B-shaped model")
     ap.add_argument("--e2e-tokens", type=int, default=None, help="prompt tokens of the e2e run (default 32K)")
     ap.add_argument("--budget", type=int, default=2048, help="entries kept per layer and KV head")
+    ap.add_argument("--skip-kernels", action="store_true",
+                    help="only the --e2e run (not the per-S kernel sweep): e.g. one e2e length per call")
     ap.add_argument("--out", default="experiments/results/bench_kernel.json")
     a = ap.parse_args(argv)
     backend = jax.default_backend()
@@ -264,7 +267,7 @@ def main(argv=None):
                "attention": [], "select": []}
     print(f"\n{'S':>7} | {'attn ref ms':>11} {'pallas ms':>10} {'speedup':>7} {'ref tmp MB':>10} {'pal tmp MB':>10}"
           f" | {'top_k ms':>8} {'pallas ms':>9} {'speedup':>7} same")
-    for S in sizes:
+    for S in [] if a.skip_kernels else sizes:
         r = bench_attention(S, a, interpret, repeats)
         s = bench_select(S, a, interpret, repeats)
         results["attention"].append(r)

@@ -16,6 +16,33 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+# The Pallas kernel tests run interpreted (on CPU) by default. LKV_PALLAS_COMPILED=1 runs the same tests
+# compiled on this machine's GPU or TPU (experiments/device_check.sh); cases written for the other
+# accelerator's driver, and the interpreter-only ones, are skipped then.
+PALLAS_COMPILED = os.environ.get("LKV_PALLAS_COMPILED", "") not in ("", "0")
+INTERPRET = not PALLAS_COMPILED
+
+
+def pallas_device_target() -> str:
+    """The Pallas driver compiled mode runs: "gpu" or "tpu" (the backend jax found)."""
+    import jax
+
+    backend = jax.default_backend()
+    if backend not in ("gpu", "tpu"):
+        raise RuntimeError(f"LKV_PALLAS_COMPILED=1 needs a GPU or TPU backend, jax found {backend!r}")
+    return backend
+
+
+def skip_unless_runnable(target: str | None = None, *, interpreter_only: bool = False) -> None:
+    """In compiled mode, skip a kernel case for the other accelerator's driver or one that needs the
+    interpreter (a TPU memory simulation); interpreted, every case runs."""
+    if not PALLAS_COMPILED:
+        return
+    if interpreter_only:
+        pytest.skip("needs the Pallas interpreter (LKV_PALLAS_COMPILED=1 runs compiled kernels)")
+    if target is not None and target != pallas_device_target():
+        pytest.skip(f"a {target} kernel case; this device runs {pallas_device_target()} kernels")
+
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),

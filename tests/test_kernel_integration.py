@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from conftest import build_hf_model, save_hf_model
+from conftest import INTERPRET, build_hf_model, save_hf_model
 
 import lkv_jax
 from lkv_jax.lookahead import init_adapter
@@ -40,7 +40,7 @@ def test_pallas_interpret_and_xla_keep_the_same_positions(model, name):
     mask = np.ones_like(ids)
     mask[1, :9] = 0
     xla = lkv_jax.compress(model, ids, _presses(model, implementation="xla")[name], attention_mask=mask)
-    pal = lkv_jax.compress(model, ids, _presses(model, implementation="pallas", interpret=True)[name],
+    pal = lkv_jax.compress(model, ids, _presses(model, implementation="pallas", interpret=INTERPRET)[name],
                            attention_mask=mask)
     for a, b in zip(pal.kept_positions, xla.kept_positions, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

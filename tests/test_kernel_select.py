@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import INTERPRET, PALLAS_COMPILED, skip_unless_runnable
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.suffix_attention import suffix_attention
@@ -42,9 +43,10 @@ def test_order_keys_preserve_float_order():
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("n_kept,keep_count", [(50, (50, 20)), (290, (290, 3)), (1, (1, 0))])
 def test_same_slots_as_lkv_select_slots(target, ties, n_kept, keep_count):
+    skip_unless_runnable(target)
     args = make_scores(0, ties=ties)
     want_slots, want_kept = reference(*args, n_kept, keep_count)
-    slots, kept = select_slots(*args, n_kept, np.asarray(keep_count), implementation="pallas", interpret=True,
+    slots, kept = select_slots(*args, n_kept, np.asarray(keep_count), implementation="pallas", interpret=INTERPRET,
                                target=target)
     np.testing.assert_array_equal(np.asarray(kept), np.asarray(want_kept))
     np.testing.assert_array_equal(np.asarray(slots), np.asarray(want_slots))
@@ -57,12 +59,13 @@ def test_kept_set_by_hand(implementation):
     protected = np.array([[[True, False, False, False, False, False]]])
     # slot 0 forced in, slot 4 (0.7) never; then 0.9 (slot 1) and the lower-slot 0.5 (slot 2)
     slots, kept = select_slots(scores, selectable, protected, 3, np.array([3]), implementation=implementation,
-                               interpret=True)
+                               interpret=INTERPRET)
     assert np.asarray(slots).tolist() == [[[0, 1, 2]]]
     assert np.asarray(kept).all()
 
 
 def test_under_tpu_memory_simulation():
+    skip_unless_runnable(interpreter_only=True)
     args = make_scores(1, B=1, K=2, S=130)
     want_slots, want_kept = reference(*args, 40, (25,))
     slots, kept = select_slots(*args, 40, np.array([25]), implementation="pallas", interpret=pltpu.InterpretParams())
@@ -94,8 +97,8 @@ def test_eviction_pipeline_kernels_match_reference_pipeline():
     _, ref_scores = suffix_attention(q, q_pos, keys, values, key_pos, key_valid, implementation="xla")
     want_slots, want_kept = reference(ref_scores, selectable, protected, 64, keep)
     _, scores = suffix_attention(q, q_pos, keys, values, key_pos, key_valid, implementation="pallas",
-                                 interpret=True, block_s=128)
-    slots, kept = select_slots(scores, selectable, protected, 64, keep, implementation="pallas", interpret=True)
+                                 interpret=INTERPRET, block_s=128)
+    slots, kept = select_slots(scores, selectable, protected, 64, keep, implementation="pallas", interpret=INTERPRET)
     pos = lambda s, k: np.where(np.asarray(k), np.take_along_axis(np.asarray(key_pos), np.asarray(s), -1), -1)
     np.testing.assert_array_equal(pos(slots, kept), pos(want_slots, want_kept))
     assert np.asarray(kept).sum(-1).tolist() == [[64, 64], [40, 40]]
@@ -123,5 +126,6 @@ def test_bad_inputs_raise():
         select_slots(scores, selectable, protected, 5, np.array([3, 3]))
     with pytest.raises(ValueError, match="bool"):
         select_slots(scores, selectable.astype(np.int32), protected, 5, np.array([3]))
-    with pytest.raises(ValueError, match="interpret=True"):
-        select_slots(scores, selectable, protected, 5, np.array([3]), implementation="pallas")
+    if not PALLAS_COMPILED:  # only a CPU refuses the compiled kernel
+        with pytest.raises(ValueError, match="interpret=True"):
+            select_slots(scores, selectable, protected, 5, np.array([3]), implementation="pallas")
