@@ -14,6 +14,8 @@ communication to score and select.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable, Hashable
 
 import jax
 import numpy as np
@@ -78,6 +80,30 @@ def make_mesh(cfg: MeshConfig | tuple[int, int, int], devices=None) -> Mesh:
     if n > len(available):
         raise MeshError(f"mesh {dict(zip(AXES, shape, strict=True))} needs {n} devices, {len(available)} available")
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=available[:n])
+
+
+@functools.cache
+def _single_device_mesh() -> Mesh:
+    return make_mesh((1, 1, 1))
+
+
+def resolve_mesh(mesh: Mesh | None) -> Mesh:
+    """The mesh an entry point runs on: `mesh`, or a 1x1x1 mesh over the first device. One device is the
+    smallest mesh, so every entry point has a single jitted path with explicit shardings."""
+    return _single_device_mesh() if mesh is None else mesh
+
+
+_ENTRY_POINTS: dict = {}
+
+
+def entry_point(key: Hashable, build: Callable[[], Callable]) -> Callable:
+    """The package's one compile cache: the jitted function of an entry point for `key` (model structure,
+    mesh, static sizes), built by `build()` on first use. jax.jit needs the mesh's shardings when it is
+    created, so a function jitted with `in_shardings` / `out_shardings` is built once per key here."""
+    fn = _ENTRY_POINTS.get(key)
+    if fn is None:
+        fn = _ENTRY_POINTS[key] = build()
+    return fn
 
 
 def logical_to_spec(logical: tuple[str | None, ...]) -> P:
