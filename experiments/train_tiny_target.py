@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         previous = json.loads((workdir / "run.json").read_text())
         if previous != run:
             raise SystemExit(f"{workdir} holds checkpoints of another run ({previous}); give another --workdir")
-    elif ckpt.with_suffix(".npz").exists():
+    elif ckpt.exists():
         raise SystemExit(f"{workdir} holds a checkpoint without run.json (an older run?); give another --workdir")
     command = "python experiments/train_tiny_target.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if args.skip_training and (workdir / "command.txt").exists():  # the card names the command that trained it

@@ -7,10 +7,20 @@ KV head k (the HF `repeat_kv` convention).
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
 _NEG = -1e30  # finite "minus infinity": fully masked rows give zeros, never NaN
+
+
+def _check_cache_layout(q, keys, values) -> None:
+    """q [B, T, N, H] and keys = values [B, K, S, H] with N a multiple of K (checked while tracing)."""
+    chex.assert_rank([q, keys, values], 4)
+    chex.assert_equal_shape([keys, values])
+    chex.assert_equal_shape([q, keys], dims=(0, 3))
+    if q.shape[2] % keys.shape[1]:
+        raise ValueError(f"query heads N={q.shape[2]} must be a multiple of KV heads K={keys.shape[1]}")
 
 
 def _group(q: jax.Array, n_kv: int) -> jax.Array:
@@ -35,6 +45,8 @@ def blockwise_causal_attention(q, keys, values, key_valid, q_start, block: int, 
     return_stats also the final softmax statistics (row max m, normaliser l), float32 [B, K, G, T]
     each, for `blockwise_attention_mass`.
     """
+    _check_cache_layout(q, keys, values)
+    chex.assert_shape(key_valid, (q.shape[0], keys.shape[2]))
     B, T, N, H = q.shape
     K = keys.shape[1]
     qg = _group(q, K) * jnp.asarray(H ** -0.5, q.dtype)
@@ -107,6 +119,7 @@ def attention_with_probs(q, keys, values, mask, extra=None):
     queries also attend to (a suffix not written into the cache); the softmax is joint.
     Returns out [B, T, N, H] and probs over the cache part, float32 [B, K, G, T, S].
     """
+    _check_cache_layout(q, keys, values)
     K = keys.shape[1]
     H = q.shape[-1]
     qg = _group(q, K) * jnp.asarray(H ** -0.5, q.dtype)
@@ -138,6 +151,7 @@ def cache_attention(q, keys, values, mask):
     q [B, T, N, H]; keys/values [B, K, S, H]; mask bool broadcastable to [B, K, 1, T, S]. Returns
     [B, T, N, H]: `attention_with_probs(q, keys, values, mask)[0]` up to float rounding.
     """
+    _check_cache_layout(q, keys, values)
     B, T, N, H = q.shape
     if B * T == 1 and jax.default_backend() == "cpu":
         # XLA:CPU canonicalises a dot whose batch dim is 1 so that, inside the decode loop, it transposes
@@ -164,6 +178,8 @@ def dense_causal_attention(q, k, v, valid, block: int = 128):
     [B, N, T, T] softmax with about half the work for T >> block (training at 1,024 tokens on a CPU ran
     1.9x faster with 128). Materialises at most [B, N, block, T]; use only for short sequences.
     """
+    chex.assert_equal_shape([k, v])  # and attention_with_probs checks the rest
+    chex.assert_shape(valid, q.shape[:2])
     T = q.shape[1]
     kk, vv = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     outs = []

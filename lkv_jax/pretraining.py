@@ -3,9 +3,9 @@ resumable checkpoints. Used for the project's tiny target model (experiments/tra
 
 The curriculum is a list of stages (sequence length, steps, learning rate, batch); the learning rate warms up
 at the start, stays constant within a stage and is lowered at each step up in length, which keeps a tiny model
-from losing what it learnt on short sequences when the copies get longer. Checkpoints are plain `.npz` files
-of the parameter and optimizer leaves (no pickle) plus a JSON note of the step, written often so a killed run
-continues.
+from losing what it learnt on short sequences when the copies get longer. Checkpoints (orbax, as the adapter
+training's: parameters, optimizer state and a JSON note of the step, one directory per step) are written
+often so a killed run continues.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import time
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from flax import nnx
 
 from lkv_jax.config import ModelConfig, RopeConfig
 from lkv_jax.inference import forward_dense_pure
+from lkv_jax.lookahead.checkpointing import TrainCheckpointer
 from lkv_jax.models.transformer import Transformer
 
 
@@ -209,32 +211,45 @@ class Trainer:
         return {"loss": float(loss), "token_acc": float(acc), "row_exact": float(jnp.mean(rows))}
 
     # -------------------------------------------------------------------------------- checkpoints
-    def save(self, path: str | Path, extra: dict | None = None) -> None:
-        """Write `<path>.npz` (parameter and optimizer leaves) and `<path>.json` (step and `extra`)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        leaves = jax.tree.leaves((self.params, self.opt_state))
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, *[np.asarray(x) for x in leaves])
-        tmp.replace(path.with_suffix(".npz"))  # atomic: a kill mid-write leaves the previous checkpoint
-        path.with_suffix(".json").write_text(json.dumps({"step": self.step, **(extra or {})}, indent=2))
+    def _shapes(self) -> list[list[int]]:
+        return [list(np.shape(x)) for x in jax.tree.leaves((self.params, self.opt_state))]
 
-    def restore(self, path: str | Path) -> dict | None:
-        """Load a checkpoint written by `save` if it exists; returns its JSON note (or None)."""
-        path = Path(path)
-        if not path.with_suffix(".npz").exists():
+    def save(self, directory: str | Path, extra: dict | None = None) -> None:
+        """Checkpoint the parameters, optimizer state, step and `extra` under `directory/<step>/` (orbax:
+        written aside and renamed whole, so a kill leaves the previous checkpoints intact; the last two kept)."""
+        ckpt = TrainCheckpointer(directory, keep=2)
+        try:
+            if self.step in ckpt.manager.all_steps():  # saved again (a resumed run): the newer one wins
+                ckpt.manager.delete(self.step)
+            ckpt.save(self.step, self.params, self.opt_state, {}, {**(extra or {}), "shapes": self._shapes()})
+        finally:
+            ckpt.close()
+
+    def restore(self, directory: str | Path) -> dict | None:
+        """Restore the newest checkpoint of `save` under `directory` that restores (damaged newer ones are
+        moved aside, with a warning); returns its note, {"step": ..., **extra}, or None if there is none.
+        ValueError if the checkpoint was written for another model shape or optimizer."""
+        directory = Path(directory)
+        if not directory.is_dir():
             return None
-        treedef = jax.tree.structure((self.params, self.opt_state))
-        old = jax.tree.leaves((self.params, self.opt_state))
-        with np.load(path.with_suffix(".npz"), allow_pickle=False) as f:
-            leaves = [f[f"arr_{i}"] for i in range(len(f.files))]
-        if len(leaves) != len(old) or any(a.shape != np.shape(b) for a, b in zip(leaves, old, strict=True)):
-            raise ValueError(f"checkpoint {path} does not match this model/optimizer")
-        leaves = [jnp.asarray(a, dtype=jnp.asarray(b).dtype) for a, b in zip(leaves, old, strict=True)]
-        self.params, self.opt_state = jax.tree.unflatten(treedef, leaves)
-        note = json.loads(path.with_suffix(".json").read_text())
-        self.step = int(note["step"])
-        return note
+
+        def check(info):
+            if info.get("shapes") != self._shapes():
+                raise ValueError(f"checkpoint {directory} does not match this model/optimizer")
+
+        ckpt = TrainCheckpointer(directory, keep=2)
+        try:
+            step, restored, skipped = ckpt.restore_newest(self.params, self.opt_state, check)
+        finally:
+            ckpt.close()
+        for s in skipped:
+            warnings.warn(f"checkpoint step {s.step} does not restore ({s.reason}); moved to {s.moved_to}",
+                          stacklevel=2)
+        if step is None:
+            return None
+        self.params, self.opt_state, _, info = restored
+        self.step = int(step)
+        return {k: v for k, v in info.items() if k != "shapes"}
 
 
 def run_curriculum(trainer: Trainer, stages: tuple[Stage, ...], batches: Callable[[int, Stage], tuple],

@@ -15,9 +15,10 @@ import numpy as np
 from lkv_jax.checkpoint.hf import save_hf
 from lkv_jax.data.metrics import METRICS
 from lkv_jax.data.synthetic import TASKS, encode_builtin, generate_samples
+from lkv_jax.data.vocab import BUILTIN_DIR
 from lkv_jax.models.transformer import Transformer
 
-ASSET_DIR = Path(__file__).parent / "assets" / "tiny_target"
+ASSET_DIR = BUILTIN_DIR  # the shipped model; its tokenizer.json is the built-in vocabulary
 # the shipped model's curriculum, length:steps:lr:batch[:symbols[:copy[:haystack[:distinct]]]][:name=value]
 # (lkv_jax.pretraining), one command, 60 min on 2 CPU cores (model card). Three parts:
 # - copying: pure copies on a 16-word alphabet only until induction heads form (on the whole alphabet they

@@ -9,12 +9,13 @@ import os
 import sys
 from pathlib import Path
 
-# 8 fake CPU devices for the sharding tests; must be set before jax starts
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import chex
+import numpy as np
+import pytest
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+# 8 fake CPU devices for the sharding tests: chex sets the XLA flag, before any test starts jax's backends
+chex.set_n_cpu_devices(8)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # The Pallas kernel tests run interpreted (on CPU) by default. LKV_PALLAS_COMPILED=1 runs the same tests
 # compiled on this machine's GPU or TPU (experiments/device_check.sh); cases written for the other

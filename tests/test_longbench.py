@@ -56,6 +56,25 @@ def test_rouge_l_uses_the_rouge_package_set_semantics():
     assert rouge_score("...", "anything") == 0.0
 
 
+def test_rouge_l_matches_the_rouge_package_on_random_texts():
+    # LongBench's own metric is pltrdy/rouge's Rouge().get_scores(...)["rouge-l"]["f"]; short texts from a
+    # small alphabet (repeated words, "." sentence breaks, empty pieces) exercise its set and union rules
+    from rouge import Rouge
+    rng = np.random.default_rng(0)
+    words = np.array("a b c d e the cat sat on mat . , x".split())
+
+    def text():
+        return " ".join(rng.choice(words, size=rng.integers(0, 25)))
+
+    for _ in range(2000):
+        p, g = text(), text()
+        try:
+            expected = Rouge().get_scores([p], [g], avg=True)["rouge-l"]["f"]
+        except ValueError:  # empty hypothesis or reference: LongBench's rouge_score returns 0
+            expected = 0.0
+        assert rouge_score(p, g) == pytest.approx(expected, abs=1e-12), (p, g)
+
+
 def test_classification_retrieval_count_code_by_hand():
     classes = ["abbreviation", "location", "city", "description"]
     # both "location" and "city" named, truth among them -> 1/2
@@ -129,6 +148,28 @@ def test_loader_reads_official_jsonl(tmp_path):
         f.write(json.dumps({"input": "q", "context": "c"}) + "\n")
     with pytest.raises(ValueError, match="answers"):
         load_longbench("musique", tmp_path)
+    with open(tmp_path / "qasper.jsonl", "w") as f:  # the second line lacks a field the first one has
+        f.write(json.dumps(_record(0)) + "\n" + json.dumps({"input": "q", "context": "c"}) + "\n")
+    with pytest.raises(ValueError, match="qasper.jsonl:2: record lacks .*answers"):
+        load_longbench("qasper", tmp_path)
+    (tmp_path / "trec.jsonl").write_text(json.dumps(_record(0)) + "\nnot json\n")
+    with pytest.raises(ValueError, match="JSON"):
+        load_longbench("trec", tmp_path)
+
+
+def test_loader_reads_the_official_zip_from_the_hub_cache(tmp_path, monkeypatch):
+    import zipfile
+
+    import huggingface_hub
+
+    archive = tmp_path / "data.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("data/hotpotqa.jsonl", "".join(json.dumps(_record(i)) + "\n" for i in range(3)))
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda *a, **kw: asked.append((a, kw)) or str(archive))  # no download in tests
+    records = load_longbench("hotpotqa", from_hub=True, limit=2, hub_cache=tmp_path / "cache")
+    assert [r["_id"] for r in records] == ["id0", "id1"] and records[0] == _record(0)
 
 
 def test_prompt_format_and_split():

@@ -2,11 +2,11 @@
 middle truncation, for the 16 English tasks.
 
 Records follow the official schema {"input", "context", "answers", "length", "dataset", "language",
-"all_classes", "_id"}, read from `<dir>/<task>.jsonl` (the layout of the official data.zip), or from
-the Hugging Face hub when asked (never in tests). Prompts are built as the official `pred.py` builds
-them: `DATASET2PROMPT[task].format(**record)`, truncated in the middle to `max_length` tokens (first
-half + last half: both ends hold instructions), a chat template only for the tasks where the official
-code applies one.
+"all_classes", "_id"}, read with `datasets` from `<dir>/<task>.jsonl` (the layout of the official
+data.zip), or from that zip on the Hugging Face hub when asked (never in tests). Prompts are built as
+the official `pred.py` builds them: `DATASET2PROMPT[task].format(**record)`, truncated in the middle to
+`max_length` tokens (first half + last half: both ends hold instructions), a chat template only for the
+tasks where the official code applies one.
 
 For question-agnostic evaluation (compress the context before the question is known) a prompt is
 split into a context part (template prefix + context) and a question part (the rest of the template
@@ -16,10 +16,9 @@ with the question), tokenised separately; the query-aware prompt is their concat
 from __future__ import annotations
 
 import dataclasses
-import json
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -67,70 +66,62 @@ def _check_task(task: str) -> None:
         raise ValueError(f"unknown LongBench task {task!r}; the English tasks are: {', '.join(LONGBENCH_TASKS)}")
 
 
-def _check_record(record: Any, where: str) -> dict:
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: a LongBench record must be a JSON object, got {type(record).__name__}")
-    missing = [k for k in ("input", "context", "answers") if k not in record]
+def _check_record(record: dict, where: str) -> dict:
+    # `datasets` gives every row every column of the file, None where a line lacks the field
+    missing = [k for k in ("input", "context", "answers") if record.get(k) is None]
     if missing:
         raise ValueError(f"{where}: record lacks the field(s) {missing} of the LongBench schema {RECORD_FIELDS}")
     if not isinstance(record["answers"], list) or not all(isinstance(a, str) for a in record["answers"]):
         raise ValueError(f"{where}: 'answers' must be a list of strings")
     out = dict(record)
     out.setdefault("all_classes", None)
-    out.setdefault("length", len(str(record["context"]).split()))
-    out.setdefault("_id", where)
+    if out.get("length") is None:
+        out["length"] = len(str(record["context"]).split())
+    if out.get("_id") is None:
+        out["_id"] = where
     return out
 
 
 def load_longbench(task: str, data_dir: str | Path | None = None, *, limit: int | None = None,
                    from_hub: bool = False, hub_cache: str | Path | None = None) -> list[dict]:
-    """The records of one English LongBench task.
+    """The records of one English LongBench task, read with `datasets` (`load_dataset("json", ...)`).
 
     From `<data_dir>/<task>.jsonl` (one JSON object per line, official schema) when data_dir is given;
-    else, with from_hub=True, from the `THUDM/LongBench` dataset on the Hugging Face hub (through
-    `datasets` when it is installed, else the official data.zip via huggingface_hub). `limit` keeps
-    the first n records.
+    else, with from_hub=True, from `data/<task>.jsonl` of the official `data.zip` of the `THUDM/LongBench`
+    dataset repository (downloaded and extracted once, into the caches). `limit` keeps the first n records.
     """
     _check_task(task)
     if data_dir is not None:
         path = Path(data_dir) / f"{task}.jsonl"
         if not path.is_file():
             raise FileNotFoundError(f"no LongBench file {path} (expected <dir>/<task>.jsonl, the official layout)")
-        records = []
-        with path.open(encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i + 1}: not valid JSON ({e})") from e
-                records.append(_check_record(obj, f"{path.name}:{i + 1}"))
-                if limit is not None and len(records) >= limit:
-                    break
-        return records
-    if not from_hub:
-        raise ValueError("give data_dir (a folder with <task>.jsonl files) or from_hub=True")
-    return [_check_record(r, f"{task}[{i}]") for i, r in enumerate(_load_from_hub(task, limit, hub_cache))]
-
-
-def _load_from_hub(task: str, limit: int | None, cache_dir) -> list[dict]:
-    try:
-        import datasets  # noqa: F401 (optional dependency)
-    except ImportError:
-        datasets = None
-    if datasets is not None:
-        ds = datasets.load_dataset("THUDM/LongBench", task, split="test", cache_dir=cache_dir)
-        rows = [dict(r) for r in ds]
-    else:
-        import zipfile
-
+    elif from_hub:
+        import datasets
         from huggingface_hub import hf_hub_download
 
-        archive = hf_hub_download("THUDM/LongBench", "data.zip", repo_type="dataset", cache_dir=cache_dir)
-        with zipfile.ZipFile(archive) as z, z.open(f"data/{task}.jsonl") as f:
-            rows = [json.loads(line) for line in f.read().decode("utf-8").splitlines() if line.strip()]
-    return rows if limit is None else rows[:limit]
+        archive = hf_hub_download("THUDM/LongBench", "data.zip", repo_type="dataset", cache_dir=hub_cache)
+        # extracted once, into the datasets cache (of hub_cache when given)
+        manager = datasets.DownloadManager(download_config=datasets.DownloadConfig(cache_dir=hub_cache))
+        path = Path(manager.extract(archive)) / "data" / f"{task}.jsonl"
+    else:
+        raise ValueError("give data_dir (a folder with <task>.jsonl files) or from_hub=True")
+    return [_check_record(r, f"{path.name}:{i + 1}") for i, r in enumerate(_read_jsonl(path, limit))]
+
+
+def _read_jsonl(path: Path, limit: int | None) -> list[dict]:
+    """The rows of a local JSON-lines file."""
+    import datasets
+
+    # a throwaway cache: the rows are held in memory, and nothing accumulates in the user's datasets cache
+    with tempfile.TemporaryDirectory() as cache:
+        try:
+            ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache,
+                                       keep_in_memory=True)
+        except datasets.exceptions.DatasetGenerationError as e:
+            raise ValueError(f"{path}: not JSON lines of one schema ({e.__cause__ or e})") from e
+        if limit is not None:
+            ds = ds.select(range(min(limit, len(ds))))
+        return ds.to_list()
 
 
 # ----------------------------------------------------------------------------------------------

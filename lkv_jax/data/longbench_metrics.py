@@ -4,10 +4,12 @@ Every metric takes (prediction, ground_truth, **kwargs) and returns a float in [
 applies the official per-dataset rules (first line only for trec/triviaqa/samsum/lsht, maximum over
 the reference answers) and `score_task` the official task score (100 x mean, 2 decimals).
 
-No extra dependency: the official code calls `rouge.Rouge` (pltrdy/rouge) for ROUGE-L and
-`fuzzywuzzy.fuzz.ratio` for code similarity; both are re-implemented here (LCS-based, exactly their
-definitions) so scores stay comparable with published LongBench numbers. The Chinese tasks are out of
-scope (they need jieba).
+The official code calls `fuzzywuzzy.fuzz.ratio` for code similarity: here the same indel similarity
+comes from `rapidfuzz` (the library python-Levenshtein, fuzzywuzzy's fast backend, is built on), with
+fuzzywuzzy's rounding and empty-string rules. For ROUGE-L it calls `rouge.Rouge` (pltrdy/rouge), which
+reconstructs the LCS recursively and so fails on very long sentences; `rouge_l_f` keeps its definition
+with an iterative reconstruction, and tests/test_longbench.py checks it against the package on many
+random texts. The Chinese tasks are out of scope (they need jieba).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import re
 import string
 from collections import Counter
 from collections.abc import Callable, Sequence
+
+from rapidfuzz.distance import Indel
 
 # ----------------------------------------------------------------------------------------------
 # normalisation and token F1
@@ -58,11 +62,6 @@ def _lcs_table(x: Sequence, y: Sequence) -> list[list[int]]:
         for j in range(1, m + 1):
             row[j] = prev[j - 1] + 1 if xi == y[j - 1] else max(prev[j], row[j - 1])
     return table
-
-
-def lcs_length(x: Sequence, y: Sequence) -> int:
-    """Length of the longest common subsequence of two sequences."""
-    return _lcs_table(x, y)[len(x)][len(y)]
 
 
 def _lcs_words(x: Sequence[str], y: Sequence[str]) -> list[str]:
@@ -158,18 +157,15 @@ def count_score(prediction: str, ground_truth: str, **kwargs) -> float:
 
 
 def fuzz_ratio(a: str, b: str) -> int:
-    """fuzzywuzzy's `fuzz.ratio`: round(100 * 2 * LCS(a, b) / (len(a) + len(b))), the normalised
-    Levenshtein-indel similarity (python-Levenshtein's `ratio`). 100 for equal strings (both empty
-    included), 0 when exactly one is empty, as fuzzywuzzy's decorators return."""
+    """fuzzywuzzy's `fuzz.ratio` (with python-Levenshtein): round(100 x normalised indel similarity),
+    i.e. 2 LCS(a, b) / (len(a) + len(b)); 100 for equal strings (both empty included), 0 when exactly
+    one is empty, as fuzzywuzzy's decorators return."""
     if a == b:
         return 100
     if not a or not b:
         return 0
-    total = len(a) + len(b)
-    # 1 - normalised indel distance, in this float order (as Levenshtein/rapidfuzz compute it): x.5 cases
-    # then round the same way (0.425 is 0.42500000000000004 here, 42.5 -> 43, not banker's 42)
-    ratio = 1.0 - (total - 2 * lcs_length(a, b)) / total
-    return int(round(100 * ratio))
+    # python-Levenshtein's `ratio` is this rapidfuzz call; fuzzywuzzy multiplies by 100 and rounds
+    return int(round(100 * Indel.normalized_similarity(a, b)))
 
 
 def code_sim_score(prediction: str, ground_truth: str, **kwargs) -> float:

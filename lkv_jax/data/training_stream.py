@@ -309,7 +309,7 @@ def training_sequence(rng: np.random.Generator, length: int, vocab, *, p_frequen
         stream = _haystack_stream(rng, length + 1, values, names, distinct)
     else:
         stream = _record_stream(rng, length + 1, values, names)
-    ids = np.asarray(vocab.encode(stream.words[: length + 1], strict=True), np.int32)
+    ids = np.asarray(vocab.encode(" ".join(stream.words[: length + 1]), strict=True), np.int32)
     return ids, np.asarray(stream.weights[: length + 1], np.float32)
 
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.checks import check_arg
 from pallas_kernels.suffix_attention.kernel import TARGETS, suffix_attention_pallas
 from pallas_kernels.suffix_attention.reference import REDUCES, suffix_attention_reference
 
@@ -23,24 +24,17 @@ def default_target() -> str:
 
 
 def _check(q, q_pos, keys, values, key_pos, key_valid, score_mask, reduce):
-    if q.ndim != 4:
-        raise ValueError(f"q must be [B, L, N, H], got shape {q.shape}")
+    check_arg("q", "[B, L, N, H]", q, rank=4)
     B, L, N, H = q.shape
-    if keys.ndim != 4 or keys.shape[0] != B or keys.shape[3] != H:
-        raise ValueError(f"keys must be [B={B}, K, S, H={H}], got shape {keys.shape}")
+    check_arg("keys", f"[B={B}, K, S, H={H}]", keys, rank=4, shape=(B, None, None, H))
     K, S = keys.shape[1], keys.shape[2]
-    if values.shape != keys.shape:
-        raise ValueError(f"values shape {values.shape} != keys shape {keys.shape}")
+    check_arg("values", f"keys' shape {keys.shape}", values, shape=keys.shape)
     if N % K:
         raise ValueError(f"query heads N={N} must be a multiple of KV heads K={K}")
-    if q_pos.shape != (B, L) or not jnp.issubdtype(q_pos.dtype, jnp.integer):
-        raise ValueError(f"q_pos must be int [B={B}, L={L}], got {q_pos.dtype} {q_pos.shape}")
-    if key_pos.shape != (B, K, S) or not jnp.issubdtype(key_pos.dtype, jnp.integer):
-        raise ValueError(f"key_pos must be int [B={B}, K={K}, S={S}], got {key_pos.dtype} {key_pos.shape}")
-    if key_valid.shape != (B, K, S) or key_valid.dtype != jnp.bool_:
-        raise ValueError(f"key_valid must be bool [B={B}, K={K}, S={S}], got {key_valid.dtype} {key_valid.shape}")
-    if score_mask.shape != (B, L) or score_mask.dtype != jnp.bool_:
-        raise ValueError(f"score_mask must be bool [B={B}, L={L}], got {score_mask.dtype} {score_mask.shape}")
+    check_arg("q_pos", f"int [B={B}, L={L}]", q_pos, shape=(B, L), dtype=int)
+    check_arg("key_pos", f"int [B={B}, K={K}, S={S}]", key_pos, shape=(B, K, S), dtype=int)
+    check_arg("key_valid", f"bool [B={B}, K={K}, S={S}]", key_valid, shape=(B, K, S), dtype=bool)
+    check_arg("score_mask", f"bool [B={B}, L={L}]", score_mask, shape=(B, L), dtype=bool)
     if reduce not in REDUCES:
         raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
 

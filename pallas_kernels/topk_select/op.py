@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.checks import check_arg
 from pallas_kernels.topk_select.kernel import order_keys, topn_cuts
 
 IMPLEMENTATIONS = (None, "xla", "pallas")
@@ -65,17 +66,12 @@ def select_slots(scores, selectable, protected, n_kept: int, keep_count, *, impl
     """
     scores, selectable, protected = map(jnp.asarray, (scores, selectable, protected))
     keep_count = jnp.asarray(keep_count)
-    if scores.ndim != 3:
-        raise ValueError(f"scores must be [B, K, S], got shape {scores.shape}")
-    if selectable.shape != scores.shape or protected.shape != scores.shape:
-        raise ValueError(f"selectable {selectable.shape} and protected {protected.shape} must match scores "
-                         f"{scores.shape}")
-    if selectable.dtype != jnp.bool_ or protected.dtype != jnp.bool_:
-        raise ValueError("selectable and protected must be bool")
+    check_arg("scores", "[B, K, S]", scores, rank=3)
+    check_arg("selectable", f"bool like scores {scores.shape}", selectable, shape=scores.shape, dtype=bool)
+    check_arg("protected", f"bool like scores {scores.shape}", protected, shape=scores.shape, dtype=bool)
     if not 1 <= int(n_kept) <= scores.shape[-1]:
         raise ValueError(f"n_kept must lie in [1, S={scores.shape[-1]}], got {n_kept}")
-    if keep_count.shape != scores.shape[:1]:
-        raise ValueError(f"keep_count must be [B={scores.shape[0]}], got shape {keep_count.shape}")
+    check_arg("keep_count", f"[B={scores.shape[0]}]", keep_count, shape=scores.shape[:1])
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation in (None, "xla"):
