@@ -9,7 +9,7 @@ references, and (--e2e) the end-to-end LookaheadKV-style eviction overhead as a 
 Per S it times (median of --repeats after a warm-up, each under jit):
   attn  the suffix-attention reference (dense jnp, [B, K, G, L, S] float32 probabilities) vs the Pallas
         kernel (two passes over S blocks), with XLA's compiled temporary memory of each;
-  select top-`budget` per KV head: XLA `lax.top_k` (lkv_jax.selection.select_slots) vs the Pallas
+  select top-`budget` per KV head: XLA `lax.top_k` (select_slots, implementation "xla") vs the Pallas
         threshold-select.
 --e2e: prefill (lkv_jax.inference.prefill) of a random lkv_jax model with Llama-3.1-8B layer shapes
 (fewer layers), then the eviction step: a 32-token glimpse (scores over the cache) + top-k + gather, as
@@ -103,15 +103,13 @@ def bench_attention(S, a, interpret, repeats):
 
 
 def bench_select(S, a, interpret, repeats):
-    from lkv_jax.selection import select_slots
-
     budget = min(a.budget, S // 2)
     scores = jax.random.uniform(jax.random.key(1), (1, a.K, S), jnp.float32)
     selectable = jnp.arange(S)[None, None] < S - a.L
     selectable = jnp.broadcast_to(selectable, scores.shape)
     protected = jnp.zeros_like(selectable)
     keep = jnp.full((1,), budget, jnp.int32)
-    ref = jax.jit(lambda s: select_slots(s, selectable, protected, budget, keep))
+    ref = jax.jit(lambda s: pallas_select_slots(s, selectable, protected, budget, keep))
     ker = jax.jit(lambda s: pallas_select_slots(s, selectable, protected, budget, keep, implementation="pallas",
                                                 interpret=interpret))
     row = {"S": S, "budget": budget}
@@ -144,21 +142,20 @@ def evict_lkv(model, cache, x, n_kept, implementation=None, interpret=False):
     """lkv_jax's eviction: glimpse + lax.top_k + gather. implementation=None: the dense per-query-head
     glimpse (the training path); "xla" / "pallas": the LookaheadKVPress inference path, the glimpse
     writing the suffix into the cache and scoring through the score-and-evict op."""
-    from lkv_jax.inference import glimpse_pure
-    from lkv_jax.selection import compact_cache, select_slots
+    from lkv_jax.eviction import compact_cache
+    from lkv_jax.inference import KVHeadScores, append_pure, glimpse_pure
 
     cfg = model.config
     B = x.shape[0]
     if implementation is None:
-        out = glimpse_pure(model, cache, x, scores=True, reduce="mean", append=False, logits=False)
+        out = glimpse_pure(model, cache, x, logits=False)
     else:
-        out = glimpse_pure(model, cache, x, scores=True, reduce="mean", append=True, logits=False,
-                           score_heads="kv", implementation=implementation, interpret=interpret)
+        out = append_pure(model, cache, x, KVHeadScores("mean", implementation, interpret), logits=False)
     keep = jnp.full((B,), n_kept, jnp.int32)
     slots, kept = [], []
     for l, sc in enumerate(out.scores):
         s = sc if implementation is not None else sc.reshape(B, cfg.num_key_value_heads, cfg.n_groups, -1).mean(2)
-        sl, kp = select_slots(s, cache.valid[l], jnp.zeros_like(cache.valid[l]), n_kept, keep)
+        sl, kp = pallas_select_slots(s, cache.valid[l], jnp.zeros_like(cache.valid[l]), n_kept, keep)
         slots.append(sl)
         kept.append(kp)
     return compact_cache(cache, slots, kept)[0]
@@ -168,7 +165,7 @@ def evict_kernels(model, cache, x, n_kept, *, interpret, select_impl):
     """The same eviction with the suffix-attention kernel (suffix written into the cache's spare slots)
     and `select_impl` ("xla" top_k or "pallas" threshold-select) + gather."""
     from lkv_jax.cache import write_entries
-    from lkv_jax.selection import compact_cache
+    from lkv_jax.eviction import compact_cache
 
     B, L, _ = x.shape
     positions = cache.next_position[:, None] + jnp.arange(L)[None]

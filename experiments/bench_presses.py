@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_timing import best_interleaved, profile_calls, time_runs  # noqa: E402
 
 import lkv_jax  # noqa: E402
+from lkv_jax.compression import compress_prompt  # noqa: E402
 from lkv_jax.config import ModelConfig  # noqa: E402
 from lkv_jax.inference import _prefill_jit, prepare_prompt  # noqa: E402
 from lkv_jax.models.transformer import Transformer  # noqa: E402
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
             press = make_press(name, budget=args.budget, **kw)
 
             def run(press=press, prompt=prompt):
-                out = press.compress(model, prompt)
+                out = compress_prompt(model, prompt, press)
                 jax.block_until_ready(out.cache.keys)
 
             fns = {"prefill": prefill, "press": run, "ttft": first_token,

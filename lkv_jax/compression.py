@@ -1,4 +1,7 @@
-"""`lkv_jax.compress`: prefill a prompt batch and evict its KV cache with a press.
+"""`lkv_jax.compress`: prefill a prompt batch, score it with a press and evict (`lkv_jax.eviction`).
+
+One jitted path, on one device or a mesh (one device is a 1x1x1 mesh): the parameters per
+`sharding.param_specs`, the batch over "data", the caches' KV heads over "tensor", the press replicated.
 
 Comparing many presses on the same batch (the evaluation grid) need not prefill it once per press:
 `shared_prefix` computes the batch's first slots once and `compress_prompt(..., prefix=)` starts every
@@ -11,42 +14,145 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from lkv_jax.eviction import CompressOutput, Scored, evict, eviction_plan, mask_capacities, select
 from lkv_jax.inference import DEFAULT_CHUNK, Prompt, PromptPrefix, prepare_prompt, prompt_prefix_pure
 from lkv_jax.models.transformer import Transformer
-from lkv_jax.presses.base import BasePress, CompressOutput, accepts_prefix
+from lkv_jax.presses.base import BasePress, accepts_prefix
+from lkv_jax.sharding import (
+    batch_spec,
+    cache_specs,
+    check_mesh,
+    entry_point,
+    logical_to_spec,
+    named,
+    param_specs,
+    resolve_mesh,
+)
 
 
 def compress(model: Transformer, input_ids, press: BasePress, *, attention_mask=None,
-             chunk_size: int = DEFAULT_CHUNK) -> CompressOutput:
+             chunk_size: int = DEFAULT_CHUNK, mesh: Mesh | None = None) -> CompressOutput:
     """Prefill `input_ids` (int [B, T], left-padded per `attention_mask`) and evict with `press`.
 
     Returns a `CompressOutput`: the compressed cache (ready to decode from after `.grow(n)`),
     `kept_positions` per layer (int [B, K, n_kept], original positions, ascending), the scores and
-    the last prompt token's logits.
+    the last prompt token's logits. mesh: run over a ("data", "fsdp", "tensor") mesh (B divisible by
+    its data axis), the model's parameters placed on it (`sharding.shard_model`); None is one device.
     """
     prompt = prepare_prompt(input_ids, attention_mask, chunk_size, model.config.vocab_size)
-    return compress_prompt(model, prompt, press)
+    return compress_prompt(model, prompt, press, mesh=mesh)
 
 
-def compress_prompt(model: Transformer, prompt: Prompt, press: BasePress, *,
-                    prefix: PromptPrefix | None = None) -> CompressOutput:
+def compress_prompt(model: Transformer, prompt: Prompt, press: BasePress, *, prefix: PromptPrefix | None = None,
+                    mesh: Mesh | None = None) -> CompressOutput:
     """`compress` of a prepared prompt batch (`inference.prepare_prompt`), optionally starting from a
     `shared_prefix` of the same batch: the same result up to float rounding, without prefilling the
     prefix again."""
     if not isinstance(press, BasePress):
         raise TypeError(f"press must be a lkv_jax press, got {type(press).__name__}")
     model.config.check_length(int(np.asarray(prompt.valid).sum(1).max()) + press.suffix_slots)
+    B, T = prompt.ids.shape
+    mesh = resolve_mesh(mesh)
+    check_mesh(mesh, model.config, batch=B)
+    press.check_prompt(model, prompt)
+    scorer = press.prepare(model, prompt)
     if prefix is not None:
-        B, T = prompt.ids.shape
-        if not accepts_prefix(press):
-            raise TypeError(f"{type(press).__name__}.prefill_and_score takes no shared prefix")
+        if not accepts_prefix(scorer):
+            raise TypeError(f"{type(scorer).__name__}.prefill_and_score takes no shared prefix")
         if prefix.keys[0].shape[0] != B or not 0 < prefix.length < T:
             raise ValueError(f"the prefix ({prefix.keys[0].shape[0]} rows, {prefix.length} slots) is not one of "
                              f"this {B} x {T} prompt batch")
-    return press.compress(model, prompt, prefix)
+    counts, budgets = eviction_plan(press, prompt.valid, model.config.num_hidden_layers)
+    strategy = press.selection
+    graphdef, params = nnx.split(model)
+    args = (params, scorer, prompt.ids, prompt.valid, prompt.positions, jnp.asarray(counts, jnp.int32), prefix)
+    static = (mesh, model, graphdef, params, prompt.chunk, budgets, strategy)
+    with jax.set_mesh(mesh):  # the Pallas ops run per (batch, KV-head) shard of this mesh
+        if not strategy.adaptive:
+            return _entry(compress_pure, compress_out_specs, *static)(*args)
+        # adaptive: the per-head counts, hence the compact capacities, are known only after selecting
+        scored, keep = _entry(select_pure, _select_out_specs, *static)(*args)
+        return _gather_entry(mesh, len(budgets), mask_capacities(keep))(scored, keep)
+
+
+def select_pure(graphdef, params, press, ids, valid, positions, counts, prefix=None, *, chunk, budgets,
+                strategy) -> tuple[Scored, tuple]:
+    """Prefill and score with `press` (ids/valid/positions [B, T], counts int [B] from `eviction_plan`),
+    then choose per layer with the selection `strategy`: (Scored, the choice)."""
+    model = nnx.merge(graphdef, params)
+    # presses written before shared prefixes existed take no `prefix` argument
+    scored = (press.prefill_and_score(model, ids, valid, positions, chunk) if prefix is None
+              else press.prefill_and_score(model, ids, valid, positions, chunk, prefix))
+    return scored, select(scored, ids.shape[1], budgets, counts, strategy)
+
+
+def compress_pure(graphdef, params, press, ids, valid, positions, counts, prefix=None, *, chunk, budgets,
+                  strategy) -> CompressOutput:
+    """The whole prefill-score-evict path as one pure function, for a strategy of static capacities."""
+    return evict(*select_pure(graphdef, params, press, ids, valid, positions, counts, prefix, chunk=chunk,
+                              budgets=budgets, strategy=strategy))
+
+
+def compress_out_specs(n_layers: int) -> CompressOutput:
+    """Specs of a CompressOutput: the cache per `cache_specs`, kept positions and scores [B, K, n] like
+    the cache, logits batch-sharded."""
+    kv3 = logical_to_spec(("batch", "kv_heads", None))
+    return CompressOutput(cache=cache_specs(n_layers), kept_positions=(kv3,) * n_layers, scores=(kv3,) * n_layers,
+                          logits=logical_to_spec(("batch", None)))
+
+
+def _select_out_specs(n_layers: int):
+    kv3 = logical_to_spec(("batch", "kv_heads", None))
+    scored = Scored(cache=cache_specs(n_layers), logits=logical_to_spec(("batch", None)),
+                    scores=(kv3,) * n_layers, protected=(kv3,) * n_layers)
+    return scored, (kv3,) * n_layers
+
+
+def state_shardings(mesh: Mesh, model: Transformer, state):
+    """NamedShardings shaped like `nnx.split(model)`'s state, from `param_specs` (a pure-dict tree): the
+    state passes to the jitted function as is, with no per-call conversion."""
+    specs = param_specs(model)
+
+    def spec_at(path):
+        d = specs
+        for k in path:
+            if isinstance(k, jax.tree_util.DictKey):
+                d = d[k.key]
+            elif isinstance(k, jax.tree_util.SequenceKey):
+                d = d[k.idx]
+        return NamedSharding(mesh, d)
+
+    return jax.tree_util.tree_map_with_path(lambda path, _: spec_at(path), state)
+
+
+def _entry(fn, out_specs, mesh, model, graphdef, state, chunk, budgets, strategy):
+    """`fn(graphdef, state, press, ids, valid, positions, counts, prefix)` jitted over `mesh`, outputs per
+    `out_specs(n_layers)`: the press (small: LookaheadKV's adapter, SpecKV's draft tokens) replicated, the
+    batch over data, a shared prefix like the cache."""
+
+    def build():
+        b2 = NamedSharding(mesh, batch_spec(2))
+        prefix = NamedSharding(mesh, logical_to_spec(("batch", "kv_heads", "seq", "head_dim")))
+        in_sh = (state_shardings(mesh, model, state), NamedSharding(mesh, P()), b2, b2, b2,
+                 NamedSharding(mesh, batch_spec(1)), prefix)
+        return jax.jit(functools.partial(fn, graphdef, chunk=chunk, budgets=budgets, strategy=strategy),
+                       in_shardings=in_sh, out_shardings=named(mesh, out_specs(len(budgets))))
+
+    return entry_point((fn.__name__, graphdef, mesh, chunk, budgets, strategy), build)
+
+
+def _gather_entry(mesh, n_layers: int, capacities: tuple[int, ...]):
+    """`eviction.evict` of an adaptive choice at the given capacities, jitted over `mesh`."""
+    return entry_point(("compress.gather", mesh, capacities),
+                       lambda: jax.jit(functools.partial(evict, capacities=capacities),
+                                       in_shardings=named(mesh, _select_out_specs(n_layers)),
+                                       out_shardings=named(mesh, compress_out_specs(n_layers))))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "length"))

@@ -1,4 +1,4 @@
-"""Entry points jitted over a device mesh: compress, prefill, generate and the lookahead training step, plus
+"""Entry points jitted over a device mesh: prefill, generate and the lookahead training step, plus
 the multi-host plumbing (process initialisation, per-process data, globally sharded batches, gathering to
 the host). `lkv_jax.lookahead.training.train` runs on a mesh through `TrainConfig.mesh`.
 
@@ -12,16 +12,16 @@ import functools
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lkv_jax.compression import compress
 from lkv_jax.inference import DEFAULT_CHUNK, prepare_prompt
-from lkv_jax.presses.base import BasePress, CompressOutput, compress_pure
-from lkv_jax.sharding import adapter_specs, batch_spec, cache_specs, check_mesh, logical_to_spec, named, param_specs
+from lkv_jax.presses.base import BasePress
+from lkv_jax.sharding import adapter_specs, batch_spec, cache_specs, check_mesh, named, param_specs
 
 # -------------------------------------------------------------------------------------------------
 # multi-host
@@ -78,45 +78,6 @@ def _replicated(mesh: Mesh, tree):
     return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
 
 
-def compress_out_specs(n_layers: int) -> CompressOutput:
-    """Specs of a CompressOutput: the cache per `cache_specs`, kept positions and scores [B, K, n] like
-    the cache, logits batch-sharded."""
-    kv3 = logical_to_spec(("batch", "kv_heads", None))
-    return CompressOutput(cache=cache_specs(n_layers), kept_positions=(kv3,) * n_layers, scores=(kv3,) * n_layers,
-                          logits=logical_to_spec(("batch", None)))
-
-
-_COMPRESS_FNS: dict = {}
-
-
-def _compress_on_mesh_fn(model, graphdef, mesh: Mesh, chunk: int, budgets: tuple[int, ...]):
-    """The jitted, sharded compress for one (model structure, mesh, chunk, budgets); cached."""
-    key = (graphdef, mesh, chunk, budgets)
-    if key not in _COMPRESS_FNS:
-        b2 = NamedSharding(mesh, batch_spec(2))
-        # the press (e.g. LookaheadKV's adapter) is small: replicated, given as a sharding prefix
-        in_sh = (named(mesh, param_specs(model)), NamedSharding(mesh, P()), b2, b2, b2, NamedSharding(mesh, P("data")))
-        out_sh = named(mesh, compress_out_specs(model.config.num_hidden_layers))
-        fn = functools.partial(compress_pure, graphdef, chunk=chunk, budgets=budgets)
-        _COMPRESS_FNS[key] = jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh)
-    return _COMPRESS_FNS[key]
-
-
-def compress_on_mesh(model, input_ids, press: BasePress, mesh: Mesh, *, attention_mask=None,
-                     chunk_size: int = DEFAULT_CHUNK) -> CompressOutput:
-    """`lkv_jax.compress` jitted over `mesh`: parameters per `param_specs`, the batch over data, the
-    cache's KV heads over tensor. Same results as the single-device path."""
-    prompt = prepare_prompt(input_ids, attention_mask, chunk_size, model.config.vocab_size)
-    check_mesh(mesh, model.config, batch=prompt.ids.shape[0])
-    counts, budgets = press.eviction_plan(model, prompt)
-    graphdef, state = nnx.split(model)
-    params = nnx.to_pure_dict(state)  # shardings are given as a pure-dict tree
-    fn = _compress_on_mesh_fn(model, graphdef, mesh, prompt.chunk, budgets)
-    counts = jnp.asarray(counts, jnp.int32)
-    with jax.set_mesh(mesh):  # the Pallas scoring op runs under shard_map over this mesh
-        return fn(params, press, prompt.ids, prompt.valid, prompt.positions, counts)
-
-
 _PREFILL_FNS: dict = {}
 _DECODE_FNS: dict = {}
 
@@ -169,7 +130,7 @@ def decode_on_mesh(model, cache, first_logits, max_new_tokens: int, mesh: Mesh, 
 def generate_on_mesh(model, input_ids, max_new_tokens: int, press: BasePress | None, mesh: Mesh, *,
                      attention_mask=None, eos_token_id=None, pad_token_id=None,
                      chunk_size: int = DEFAULT_CHUNK) -> np.ndarray:
-    """`lkv_jax.generate` over `mesh`: the sharded prefill (press None) or `compress_on_mesh`, then
+    """`lkv_jax.generate` over `mesh`: the sharded prefill (press None) or `compress(..., mesh=)`, then
     `decode_on_mesh`, each jitted with its own in/out shardings. input_ids int [B, T] (B divisible by
     the data axis); returns the new tokens int [B, n] on every process, as `generate`."""
     if max_new_tokens < 1:
@@ -179,7 +140,7 @@ def generate_on_mesh(model, input_ids, max_new_tokens: int, press: BasePress | N
         cache, logits = prefill_on_mesh(model, input_ids, mesh, attention_mask=attention_mask,
                                         chunk_size=chunk_size)
     else:
-        out = compress_on_mesh(model, input_ids, press, mesh, attention_mask=attention_mask, chunk_size=chunk_size)
+        out = compress(model, input_ids, press, attention_mask=attention_mask, chunk_size=chunk_size, mesh=mesh)
         cache, logits = out.cache, out.logits
     tokens, n = decode_on_mesh(model, cache, logits, max_new_tokens, mesh, eos_token_id=eos_token_id,
                                pad_token_id=pad_token_id)

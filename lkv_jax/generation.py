@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from lkv_jax.cache import KVCache
-from lkv_jax.inference import DEFAULT_CHUNK, glimpse_pure, prefill
+from lkv_jax.inference import DEFAULT_CHUNK, append_pure, prefill
 from lkv_jax.models.transformer import Transformer
 
 
@@ -40,7 +40,7 @@ def greedy_loop_pure(model: Transformer, cache: KVCache, first_logits, *, max_ne
 
     def body(s):
         i, tok, cache, out, done = s
-        g = glimpse_pure(model, cache, model.embed_tokens(tok[:, None]), scores=False, append=True)
+        g = append_pure(model, cache, model.embed_tokens(tok[:, None]))
         nxt = jnp.where(done, pad, jnp.argmax(g.logits[:, 0], -1).astype(jnp.int32))
         out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], i, axis=1)
         return i + 1, nxt, g.cache, out, done | jnp.isin(nxt, eos_ids)

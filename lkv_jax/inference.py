@@ -6,8 +6,10 @@
 
 Every query-aware eviction method is a glimpse: SnapKV's window, TOVA's last token, LookaheadKV's
 learned suffix (with the LoRA switched on by `lora_mask`), the response that defines training labels,
-draft tokens. Each public function takes the NNX model and runs a jitted pure function of
-`(graphdef, params)`; the `*_pure` functions are those pure functions, for composing under one `jit`.
+draft tokens. A glimpse either leaves the cache as it is (`glimpse_pure`) or writes the suffix into it
+(`append_pure`: decoding, windows, lookahead suffixes). Each public function takes the NNX model and runs a
+jitted pure function of `(graphdef, params)`; the `*_pure` functions are those pure functions, for composing
+under one `jit`.
 """
 
 from __future__ import annotations
@@ -238,16 +240,47 @@ class GlimpseOutput:
 
     hidden: [B, L, D] final hidden states of the suffix (before the final norm).
     logits: float32 [B, L, V], or None when not asked for.
-    scores: per layer, float32 attention mass on every cache slot of the cache glimpsed at:
-            [B, N, S_l] reduced over the scored suffix queries ("mean" or "max"), or [B, N, L, S_l]
-            with reduce=None. With append=True the slots include the suffix's own.
-    cache:  the cache with the suffix appended (append=True), else the input cache.
+    scores: per layer, float32 attention mass on every cache slot of the cache glimpsed at (see
+            `QueryHeadScores`, `KVHeadScores`), or None when not scored. When the suffix is appended the
+            slots include its own.
+    cache:  the cache with the suffix appended (`append_pure`), else the input cache.
     """
 
     hidden: jax.Array
     logits: jax.Array | None
     scores: tuple[jax.Array, ...] | None
     cache: KVCache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SuffixLora:
+    """LoRA on some suffix positions: `layers` per layer a projection -> {"a", "b"} dict, applied times
+    `scale` where `mask` (bool [B, L]) is True (LookaheadKV's selective LoRA)."""
+
+    layers: tuple
+    mask: jax.Array
+    scale: float = dataclasses.field(metadata={"static": True})
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryHeadScores:
+    """Scores per query head from dense jnp attention (differentiable): float32 [B, N, S] reduced over the
+    scored suffix queries ("mean" or "max"), or [B, N, L, S] with reduce=None."""
+
+    reduce: str | None = "mean"
+
+
+@dataclasses.dataclass(frozen=True)
+class KVHeadScores:
+    """Scores per KV head, float32 [B, K, S], reduced over the scored suffix queries AND the G query heads
+    of each group by the score-and-evict op (`lkv_jax.suffix_scoring.kv_head_scores`: Pallas on GPU/TPU
+    unless `implementation` says "xla"). It reads the suffix's keys from the cache, so only an appended
+    suffix (`append_pure`) scores this way."""
+
+    reduce: str = "mean"
+    implementation: str | None = None
+    interpret: Any = False
 
 
 def _reduce_probs(p, score_mask, reduce):
@@ -265,27 +298,25 @@ def _reduce_probs(p, score_mask, reduce):
     return r.reshape(B, K * G, S)
 
 
-def glimpse_pure(model: Transformer, cache: KVCache, x, *, lora=None, lora_scale: float = 0.0,
-                 lora_mask=None, score_mask=None, scores: bool = True, reduce: str | None = "mean",
-                 append: bool = False, logits: bool = True, score_heads: str = "query",
-                 implementation: str | None = None, interpret=False) -> GlimpseOutput:
-    """Run a suffix of embeddings x [B, L, D] on top of `cache`, causally among itself.
+def glimpse_pure(model: Transformer, cache: KVCache, x, *, reduce: str | None = "mean",
+                 lora: SuffixLora | None = None, score_mask=None, logits: bool = True) -> GlimpseOutput:
+    """Run a suffix of embeddings x [B, L, D] on top of `cache`, causally among itself, leaving the cache
+    unchanged; scores per query head as `QueryHeadScores(reduce)`.
 
-    Positions continue each row's `next_position`. `lora` is a per-layer tuple of projection ->
-    {"a", "b"} applied (times `lora_scale`) only where `lora_mask` [B, L] is True. `score_mask` [B, L]
-    chooses which suffix queries the reduced scores average over (default all).
-    append=False: the suffix attends to the cache plus itself and leaves the cache unchanged.
-    append=True: the suffix's keys/values are written at the cursor first (decode, SnapKV's window).
-    score_heads="query": scores per query head [B, N, S] (dense jnp attention, differentiable).
-    score_heads="kv" (append=True, reduce "mean"/"max"): scores per KV head [B, K, S], reduced over
-    the queries AND the G heads of each group, by the score-and-evict op
-    (`lkv_jax.suffix_scoring.kv_head_scores`: Pallas on GPU/TPU unless `implementation` says "xla").
+    Positions continue each row's `next_position`. `score_mask` [B, L] chooses which suffix queries the
+    reduced scores average over (default all).
     """
-    if score_heads not in ("query", "kv"):
-        raise ValueError(f"score_heads must be 'query' or 'kv', got {score_heads!r}")
-    use_op = scores and score_heads == "kv"
-    if use_op and (not append or reduce not in ("mean", "max")):
-        raise ValueError("score_heads='kv' needs append=True and reduce 'mean' or 'max'")
+    return _suffix_pure(model, cache, x, QueryHeadScores(reduce), lora, score_mask, logits, append=False)
+
+
+def append_pure(model: Transformer, cache: KVCache, x, scoring: QueryHeadScores | KVHeadScores | None = None, *,
+                lora: SuffixLora | None = None, score_mask=None, logits: bool = True) -> GlimpseOutput:
+    """Write a suffix of embeddings x [B, L, D] into `cache` at its cursor and run it (decoding, SnapKV's
+    window, a lookahead suffix). `scoring` None: no scores (decoding); else as the options say."""
+    return _suffix_pure(model, cache, x, scoring, lora, score_mask, logits, append=True)
+
+
+def _suffix_pure(model, cache, x, scoring, lora, score_mask, logits, *, append):
     B, L, _ = x.shape
     positions = cache.next_position[:, None] + jnp.arange(L)[None]
     if score_mask is None:
@@ -295,34 +326,29 @@ def glimpse_pure(model: Transformer, cache: KVCache, x, *, lora=None, lora_scale
     keys, values, poss, valids = map(list, (cache.keys, cache.values, cache.positions, cache.valid))
     layer_scores = []
     for l, layer in enumerate(model.layers):
-        ctx = NO_LORA if lora is None else LoraContext(lora[l], lora_scale, lora_mask)
+        ctx = NO_LORA if lora is None else LoraContext(lora.layers[l], lora.scale, lora.mask)
         q, k, v = layer.qkv(x, positions, inv_freq, ctx)
         if append:
             keys[l], values[l], poss[l], valids[l] = write_entries(
                 keys[l], values[l], poss[l], valids[l], cache.cursor[l], k, v, positions, jnp.ones((B, L), bool))
-        if use_op:
+            seen = valids[l][:, :, None, None, :] & (poss[l][:, :, None, None, :] <= positions[:, None, None, :, None])
+        if isinstance(scoring, KVHeadScores):
             out, s_l = kv_head_scores(q, positions, keys[l], values[l], poss[l], valids[l], score_mask,
-                                      reduce=reduce, implementation=implementation, interpret=interpret)
+                                      reduce=scoring.reduce, implementation=scoring.implementation,
+                                      interpret=scoring.interpret)
+        elif scoring is None:  # decoding: no probabilities to return
+            out, s_l = cache_attention(q, keys[l], values[l], seen), None
         else:
-            if append:
-                seen = valids[l][:, :, None, None, :] & (
-                    poss[l][:, :, None, None, :] <= positions[:, None, None, :, None])
-                if scores:
-                    out, p = attention_with_probs(q, keys[l], values[l], seen)
-                else:  # decoding: no probabilities to return
-                    out = cache_attention(q, keys[l], values[l], seen)
-            else:
-                out, p = attention_with_probs(q, keys[l], values[l], valids[l][:, :, None, None, :],
-                                              extra=(k, v, causal))
-            s_l = _reduce_probs(p, score_mask, reduce) if scores else None
-        if scores:
-            layer_scores.append(s_l)
+            out, p = (attention_with_probs(q, keys[l], values[l], seen) if append else
+                      attention_with_probs(q, keys[l], values[l], valids[l][:, :, None, None, :], extra=(k, v, causal)))
+            s_l = _reduce_probs(p, score_mask, scoring.reduce)
+        layer_scores.append(s_l)
         x = layer.finish(x, out, ctx)
     if append:
         cache = KVCache(keys=tuple(keys), values=tuple(values), positions=tuple(poss), valid=tuple(valids),
                         cursor=cache.cursor + L, next_position=cache.next_position + L)
     return GlimpseOutput(hidden=x, logits=model.logits(x) if logits else None,
-                         scores=tuple(layer_scores) if scores else None, cache=cache)
+                         scores=None if scoring is None else tuple(layer_scores), cache=cache)
 
 
 def forward_dense_pure(model: Transformer, input_ids, valid=None, positions=None, *, lora=None,
@@ -387,12 +413,12 @@ def suffix_embeddings(model: Transformer, suffix_ids=None, suffix_embeds=None) -
     return model.embed_tokens(ids)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "lora_scale", "scores", "reduce", "append", "logits"))
-def _glimpse_jit(graphdef, params, cache, x, lora, lora_mask, score_mask, *, lora_scale, scores, reduce,
-                 append, logits):
-    return glimpse_pure(nnx.merge(graphdef, params), cache, x, lora=lora, lora_scale=lora_scale,
-                        lora_mask=lora_mask, score_mask=score_mask, scores=scores, reduce=reduce,
-                        append=append, logits=logits)
+@functools.partial(jax.jit, static_argnames=("graphdef", "scoring", "append", "logits"))
+def _glimpse_jit(graphdef, params, cache, x, lora, score_mask, *, scoring, append, logits):
+    model = nnx.merge(graphdef, params)
+    if append:
+        return append_pure(model, cache, x, scoring, lora=lora, score_mask=score_mask, logits=logits)
+    return glimpse_pure(model, cache, x, reduce=scoring.reduce, lora=lora, score_mask=score_mask, logits=logits)
 
 
 def _check_room(cache: KVCache, n: int) -> None:
@@ -417,11 +443,11 @@ def glimpse(model: Transformer, cache: KVCache, suffix_ids=None, *, suffix_embed
         raise ValueError(f"suffix batch {B} != cache batch {cache.next_position.shape[0]}")
     if append:
         _check_room(cache, L)
-    if lora is not None and lora_mask is None:
-        lora_mask = jnp.ones((B, L), bool)
+    suffix_lora = None if lora is None else SuffixLora(
+        lora, jnp.ones((B, L), bool) if lora_mask is None else lora_mask, float(lora_scale))
     graphdef, params = nnx.split(model)
-    return _glimpse_jit(graphdef, params, cache, x, lora, lora_mask, score_mask, lora_scale=float(lora_scale),
-                        scores=True, reduce=reduce, append=append, logits=logits)
+    return _glimpse_jit(graphdef, params, cache, x, suffix_lora, score_mask, scoring=QueryHeadScores(reduce),
+                        append=append, logits=logits)
 
 
 def decode(model: Transformer, cache: KVCache, token) -> tuple[jax.Array, KVCache]:
@@ -429,6 +455,6 @@ def decode(model: Transformer, cache: KVCache, token) -> tuple[jax.Array, KVCach
     token = jnp.asarray(token).reshape(-1, 1)
     _check_room(cache, 1)
     graphdef, params = nnx.split(model)
-    out = _glimpse_jit(graphdef, params, cache, model.embed_tokens(token), None, None, None,
-                       lora_scale=0.0, scores=False, reduce=None, append=True, logits=True)
+    out = _glimpse_jit(graphdef, params, cache, model.embed_tokens(token), None, None, scoring=None, append=True,
+                       logits=True)
     return out.logits[:, 0], out.cache

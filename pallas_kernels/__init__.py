@@ -4,7 +4,8 @@
   returning the attention output and the per-key attention mass (the scoring step of SnapKV, TOVA,
   LookaheadKV, SpecKV, LAQ) without materialising [B, N, L, S].
 - `pallas_kernels.topk_select.select_slots`: top-n cache slots per KV head by threshold cuts
-  (optional; `lax.top_k` stays the default until the kernel is measured faster on hardware).
+  (a press's `implementation="pallas"` selects with it; `implementation=None` keeps `lax.top_k` until the
+  kernel is measured faster on hardware).
 
 Every op takes `implementation=None|"xla"|"pallas"` and `interpret=`; this package never imports lkv_jax.
 """

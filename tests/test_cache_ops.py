@@ -78,7 +78,7 @@ def test_decode_on_noncontiguous_cache_equals_pruned_transformers_cache(pair, rn
     cache, _ = lkv_jax.prefill(model, ids, chunk_size=T)
     import jax.numpy as jnp
 
-    from lkv_jax.selection import compact_cache
+    from lkv_jax.eviction import compact_cache
 
     slots = [jnp.asarray(keep[None], jnp.int32)] * cache.n_layers
     kept = [jnp.ones((1, 2, n_keep), bool)] * cache.n_layers

@@ -27,10 +27,10 @@ def make_scores(seed, B=2, K=3, S=300, ties=False):
 
 
 def reference(scores, selectable, protected, n_kept, keep_count):
-    from lkv_jax.selection import select_slots as lkv_select_slots
+    from lkv_jax.eviction import TopPerHead
 
-    return lkv_select_slots(jnp.asarray(scores), jnp.asarray(selectable), jnp.asarray(protected), n_kept,
-                            jnp.asarray(keep_count))
+    return TopPerHead().select(jnp.asarray(scores), jnp.asarray(selectable), jnp.asarray(protected), n_kept,
+                               jnp.asarray(keep_count))
 
 
 def test_order_keys_preserve_float_order():

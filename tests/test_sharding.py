@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 import lkv_jax
 from lkv_jax.config import ModelConfig
-from lkv_jax.distributed import compress_on_mesh, opt_state_specs, train_step_on_mesh
+from lkv_jax.distributed import opt_state_specs, train_step_on_mesh
 from lkv_jax.inference import _prefill_jit, prepare_prompt
 from lkv_jax.lookahead import init_adapter
 from lkv_jax.lookahead.data_pipeline import Collate
@@ -86,7 +86,7 @@ def test_sharded_compress_keeps_the_same_positions(model, shape):
     press = lkv_jax.presses.StreamingLLMPress(budget=20)
     ref = lkv_jax.compress(model, ids, press, attention_mask=mask)
     mesh = make_mesh(shape)
-    out = compress_on_mesh(shard_model(model, mesh), ids, press, mesh, attention_mask=mask)
+    out = lkv_jax.compress(shard_model(model, mesh), ids, press, attention_mask=mask, mesh=mesh)
     for a, b in zip(out.kept_positions, ref.kept_positions, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         assert a.sharding.is_equivalent_to(NamedSharding(mesh, P("data", "tensor", None)), 3)
@@ -100,7 +100,7 @@ def test_pallas_scoring_inside_shard_map_matches_single_device(model):
     press = lkv_jax.presses.SnapKVPress(budget=16, window_size=8, implementation="pallas", interpret=True)
     ref = lkv_jax.compress(model, ids, press)
     mesh = make_mesh((2, 2, 2))
-    out = compress_on_mesh(shard_model(model, mesh), ids, press, mesh)
+    out = lkv_jax.compress(shard_model(model, mesh), ids, press, mesh=mesh)
     for a, b in zip(out.kept_positions, ref.kept_positions, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

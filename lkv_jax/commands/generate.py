@@ -61,20 +61,20 @@ def build_press(args, model):
             raise ValueError("--compression-ratio / --budget need a --press")
         return None
     from lkv_jax.evaluation.runner import PressSpec
-    from lkv_jax.presses.registry import make_press
+    from lkv_jax.presses.registry import make_press, press_needs
 
     spec = PressSpec.parse(args.press)
     kwargs = dict(spec.kwargs)
-    key = spec.name.replace("_", "-")
-    if key == "speckv":
+    needs = press_needs(spec.name)
+    if needs == "draft_model":
         if args.draft_model is None:
-            raise ValueError("the speckv press needs --draft-model DIR")
+            raise ValueError(f"the {spec.name} press needs --draft-model DIR")
         from lkv_jax.checkpoint.orbax_io import load
 
         kwargs["draft_model"] = load(args.draft_model, dtype=args.dtype)
-    if key == "lookaheadkv":
+    if needs == "adapter":
         if args.adapter is None:
-            raise ValueError("the lookaheadkv press needs --adapter FILE")
+            raise ValueError(f"the {spec.name} press needs --adapter FILE")
         from lkv_jax.lookahead import load_adapter
 
         kwargs["adapter"] = load_adapter(args.adapter, model.config)

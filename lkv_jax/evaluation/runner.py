@@ -41,6 +41,7 @@ from lkv_jax.evaluation.tasks import EvalSample, EvalTask
 from lkv_jax.inference import DEFAULT_CHUNK, Prompt, PromptPrefix, glimpse, prefill, prepare_prompt
 from lkv_jax.lookahead.labels import pad_left, pad_right
 from lkv_jax.presses.base import accepts_prefix
+from lkv_jax.presses.registry import make_press, press_needs
 
 FULL_KV = "fullkv"
 MODES = ("query-aware", "question-agnostic")
@@ -82,16 +83,14 @@ class PressSpec:
 
     @property
     def needs_adapter(self) -> bool:
-        return self.name.replace("_", "").replace("-", "") == "lookaheadkv"
+        return press_needs(self.name) == "adapter"
 
     def build(self, setting: Setting, adapter=None):
-        """The press at one budget or ratio (LookaheadKV gets the adapter)."""
-        from lkv_jax.presses.registry import make_press
-
+        """The press at one budget or ratio (a press that needs an adapter gets it)."""
         kw = dict(self.kwargs)
         if self.needs_adapter:
             if adapter is None:
-                raise ValueError("the lookaheadkv press needs an adapter (--adapter FILE)")
+                raise ValueError(f"the {self.name} press needs an adapter (--adapter FILE)")
             kw["adapter"] = adapter
         try:
             return make_press(self.name, **setting.press_kwargs(), **kw)
@@ -293,8 +292,7 @@ def _batch_prefix(model, prompt: Prompt, cfg: EvalConfig, presses) -> PromptPref
     """The batch's shared prefix for `presses` (None when sharing is off or the prompt is too short)."""
     if not cfg.share_prefill or not presses:
         return None
-    windows = [getattr(getattr(p, "press", p), "window_size", 0) for p in presses]  # AdaKV wraps its scorer
-    tail = max([cfg.prefix_tail, *windows])
+    tail = max([cfg.prefix_tail, *(p.window for p in presses)])
     tail = -(-tail // 8) * 8
     T = prompt.ids.shape[1]
     return shared_prefix(model, prompt, tail) if tail < T else None

@@ -28,7 +28,7 @@ def labels_from_cache(model, cache: KVCache, prompt_valid, response_ids, respons
     Returns float32 [B, n_layers, N, T], each row summing to 1 over the valid prompt slots.
     """
     x = model.embed_tokens(response_ids)
-    g = glimpse_pure(model, cache, x, score_mask=response_mask, reduce="mean", append=False, logits=False)
+    g = glimpse_pure(model, cache, x, score_mask=response_mask, logits=False)
     return jnp.stack([normalise(s, prompt_valid[:, None, :]) for s in g.scores], axis=1)
 
 

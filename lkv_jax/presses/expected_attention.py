@@ -80,16 +80,12 @@ class ExpectedAttentionPress(BasePress):
     def n_protected(self) -> int:
         return self.n_sink
 
-    def check_prompt(self, prompt) -> None:
-        """Raise for prompt rows not longer than the sinks (called before compressing)."""
+    def check_prompt(self, model, prompt) -> None:
+        """Raise for prompt rows not longer than the sinks."""
         n = np.asarray(prompt.valid).sum(1)
         if (n <= self.n_sink).any():
             raise ValueError(f"ExpectedAttentionPress needs prompts longer than n_sink={self.n_sink} tokens; "
                              f"the shortest row has {int(n.min())}")
-
-    def compress(self, model, prompt, prefix=None):
-        self.check_prompt(prompt)
-        return super().compress(model, prompt, prefix)
 
     def prefill_and_score(self, model, prompt_ids, valid, positions, chunk, prefix=None):
         # observers need every query's attention: a shared prefix is ignored, the prompt prefilled in full

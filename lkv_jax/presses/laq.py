@@ -18,11 +18,12 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from lkv_jax.inference import glimpse_pure
-from lkv_jax.presses.base import Scored, register_press
+from lkv_jax.eviction import Scored, evict, select
+from lkv_jax.inference import append_pure, glimpse_pure
+from lkv_jax.presses.base import register_press
 from lkv_jax.presses.snapkv import SnapKVPress
-from lkv_jax.presses.window import pool_scores, reduce_group
-from lkv_jax.selection import compact_cache, select_slots
+from lkv_jax.presses.window import pool_before_window
+from lkv_jax.suffix_scoring import reduce_gqa
 
 
 def greedy_pseudo_tokens(model, cache, first_logits, n_tokens: int):
@@ -31,7 +32,7 @@ def greedy_pseudo_tokens(model, cache, first_logits, n_tokens: int):
     tok = jnp.argmax(first_logits, -1).astype(jnp.int32)
     out = [tok]
     for _ in range(n_tokens - 1):
-        g = glimpse_pure(model, cache, model.embed_tokens(tok[:, None]), scores=False, append=True)
+        g = append_pure(model, cache, model.embed_tokens(tok[:, None]))
         cache = g.cache
         tok = jnp.argmax(g.logits[:, 0], -1).astype(jnp.int32)
         out.append(tok)
@@ -51,33 +52,22 @@ class LAQPress(SnapKVPress):
             raise ValueError(f"n_pseudo_tokens must be >= 1, got {self.n_pseudo_tokens}")
         super().__post_init__()
 
-    def first_stage_counts(self, valid):
-        """Entries per row kept by the SnapKV stage (traced int32 [B]) and the static capacity: the
-        press's own `keep_count`, for the rows and for a full-length row."""
-        counts = self.keep_count(valid.sum(1)).astype(jnp.int32)
-        return counts, max(int(self.keep_count(valid.shape[1])), 1)
-
     def pseudo_tokens(self, model, prompt_ids, valid, positions, chunk, prefix=None):
-        """(full prompt cache, last-token logits, SnapKV scores, window mask, pseudo tokens int32 [B, n])."""
+        """(full prompt cache, last-token logits, window mask, pseudo tokens int32 [B, n])."""
         T = prompt_ids.shape[1]
         cache, logits, snap_scores, protected = self.window_scores(model, prompt_ids, valid, positions, chunk, prefix)
-        counts, capacity = self.first_stage_counts(valid)
-        slots, kept = [], []
-        for l in range(cache.n_layers):
-            selectable = cache.valid[l] & (jnp.arange(T) < T)
-            s, k = select_slots(snap_scores[l], selectable, protected[l] & selectable, capacity, counts)
-            slots.append(s)
-            kept.append(k)
-        small, _ = compact_cache(cache, slots, kept)
+        # the SnapKV stage keeps the press's own count per row, at the capacity of a full-length row
+        first = Scored(cache=cache, logits=logits, scores=snap_scores, protected=protected)
+        budgets = (max(int(self.keep_count(T)), 1),) * cache.n_layers
+        counts = self.keep_count(valid.sum(1)).astype(jnp.int32)
+        small = evict(first, select(first, T, budgets, counts, self.selection)).cache
         tokens = greedy_pseudo_tokens(model, small.grow(self.n_pseudo_tokens - 1), logits, self.n_pseudo_tokens)
         return cache, logits, protected, tokens
 
     def prefill_and_score(self, model, prompt_ids, valid, positions, chunk, prefix=None):
-        T = prompt_ids.shape[1]
-        w = self.window_size
         K = model.config.num_key_value_heads
         cache, logits, protected, tokens = self.pseudo_tokens(model, prompt_ids, valid, positions, chunk, prefix)
-        g = glimpse_pure(model, cache, model.embed_tokens(tokens), reduce="mean", append=False, logits=False)
-        prefix = (valid & (jnp.arange(T) < T - w)[None])[:, None, :]
-        scores = tuple(reduce_group(pool_scores(s, prefix, self.kernel_size, self.pooling), K) for s in g.scores)
+        g = glimpse_pure(model, cache, model.embed_tokens(tokens), logits=False)
+        scores = tuple(reduce_gqa(pool_before_window(s, valid, self.window_size, self.kernel_size, self.pooling), K)
+                       for s in g.scores)
         return Scored(cache=cache, logits=logits, scores=scores, protected=protected)

@@ -15,12 +15,14 @@ import jax.numpy as jnp
 
 from lkv_jax.inference import prefill_pure
 from lkv_jax.lookahead.adapter import LookaheadAdapter
-from lkv_jax.lookahead.scoring import lookahead_glimpse, pool_scores, reduce_gqa
+from lkv_jax.lookahead.scoring import lookahead_append
 from lkv_jax.presses.base import BasePress, Scored, register_press
+from lkv_jax.presses.window import check_pooling
+from lkv_jax.suffix_scoring import pool_scores, reduce_gqa
 
 
 @register_press
-@dataclasses.dataclass(frozen=True, init=False)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LookaheadKVPress(BasePress):
     """`LookaheadKVPress(adapter, compression_ratio=0.9)` or `LookaheadKVPress(adapter, budget=128)`.
 
@@ -35,17 +37,7 @@ class LookaheadKVPress(BasePress):
     kernel_size: int = 5
 
     array_fields: ClassVar[tuple[str, ...]] = ("adapter",)
-
-    # explicit __init__ so the adapter can come first positionally (dataclass inheritance would put the
-    # base fields compression_ratio / budget first)
-    def __init__(self, adapter: LookaheadAdapter | None = None, compression_ratio: float = 0.0,
-                 budget: int | None = None, gqa_reduction: str = "mean", pooling: str | None = None,
-                 kernel_size: int = 5, implementation: str | None = None, interpret: bool = False):
-        for name, value in (("adapter", adapter), ("compression_ratio", compression_ratio), ("budget", budget),
-                            ("gqa_reduction", gqa_reduction), ("pooling", pooling), ("kernel_size", kernel_size),
-                            ("implementation", implementation), ("interpret", interpret)):
-            object.__setattr__(self, name, value)
-        self.__post_init__()
+    positional_fields: ClassVar[tuple[str, ...]] = ("adapter", "compression_ratio")
 
     def __post_init__(self):
         if not isinstance(self.adapter, LookaheadAdapter):
@@ -55,19 +47,16 @@ class LookaheadKVPress(BasePress):
         super().__post_init__()
         if self.gqa_reduction not in ("mean", "max"):
             raise ValueError(f"gqa_reduction must be 'mean' or 'max', got {self.gqa_reduction!r}")
-        if self.pooling not in (None, "avg", "max"):
-            raise ValueError(f"pooling must be None, 'avg' or 'max', got {self.pooling!r}")
-        if self.pooling is not None and (int(self.kernel_size) < 1 or int(self.kernel_size) % 2 == 0):
-            raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size}")
+        if self.pooling is not None:
+            check_pooling(int(self.kernel_size), self.pooling)
 
     @property
     def suffix_slots(self) -> int:
         return self.adapter.n_lookahead
 
-    def compress(self, model, prompt, prefix=None):
-        # outside jit, before the first glimpse: a mismatch is one AdapterMismatchError naming the tensor
+    def check_prompt(self, model, prompt) -> None:
+        """An adapter for another model is one AdapterMismatchError naming the tensor."""
         self.adapter.check_model(model.config)
-        return super().compress(model, prompt, prefix)
 
     def prefill_and_score(self, model, prompt_ids, valid, positions, chunk, prefix=None):
         adapter = self.adapter
@@ -77,8 +66,7 @@ class LookaheadKVPress(BasePress):
         # the GQA mean commutes with no pooling and with average pooling, so then the score-and-evict op
         # (Pallas on GPU/TPU) reduces over the group itself; max reductions / max pooling stay per head
         kv = self.gqa_reduction == "mean" and self.pooling in (None, "avg")
-        g = lookahead_glimpse(model, cache, adapter, append=True, score_heads="kv" if kv else "query",
-                              implementation=self.implementation, interpret=self.interpret)
+        g = lookahead_append(model, cache, adapter, self.scoring(kv_heads=kv))
         K = model.config.num_key_value_heads
         scores, protected = [], []
         for l, s in enumerate(g.scores):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from lkv_jax.attention import blockwise_attention_mass
 from lkv_jax.inference import PrefillObserver, prefill_pure
 from lkv_jax.presses.base import BasePress, Scored, register_press
-from lkv_jax.presses.window import reduce_group
+from lkv_jax.suffix_scoring import reduce_gqa
 
 
 class AttentionMassObserver(PrefillObserver):
@@ -44,6 +44,6 @@ class ObservedAttentionPress(BasePress):
         n = valid.sum(1)  # [B] real tokens per row
         seen_by = jnp.where(valid, n[:, None] - positions, 1).astype(jnp.float32)  # queries that see each key
         K = model.config.num_key_value_heads
-        scores = tuple(reduce_group(m / seen_by[:, None, :], K) for m in mass)
+        scores = tuple(reduce_gqa(m / seen_by[:, None, :], K) for m in mass)
         protected = tuple(jnp.zeros_like(v) for v in cache.valid)
         return Scored(cache=cache, logits=logits, scores=scores, protected=protected)

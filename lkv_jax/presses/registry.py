@@ -1,4 +1,5 @@
-"""Presses by name, for the CLI and the evaluation runner: `make_press("snapkv", budget=64)`."""
+"""Presses by name, for the CLI and the evaluation runner: `make_press("snapkv", budget=64)`, and what a
+press needs from its caller besides its settings (`press_needs`: LookaheadKV an adapter, SpecKV a draft)."""
 
 from __future__ import annotations
 
@@ -48,16 +49,29 @@ _SCORERS: dict[str, Callable[..., BasePress]] = {
 # name -> constructor taking compression_ratio= / budget= and press-specific keywords
 PRESSES: dict[str, Callable[..., BasePress]] = {
     **_SCORERS,
-    "speckv": SpecKVPress,  # needs draft_model=
-    "lookaheadkv": LookaheadKVPress,  # needs adapter=
+    "speckv": SpecKVPress,
+    "lookaheadkv": LookaheadKVPress,
     **{f"adakv-{name}": _adaptive(ctor) for name, ctor in _SCORERS.items()},
 }
+
+# name -> the keyword a caller must supply from outside the press's settings (a trained adapter, a model)
+NEEDS: dict[str, str] = {"speckv": "draft_model", "lookaheadkv": "adapter"}
+
+
+def press_key(name: str) -> str:
+    """The registry's spelling of a press name ("SnapKV_paper" -> "snapkv-paper")."""
+    return name.lower().replace("_", "-")
+
+
+def press_needs(name: str) -> str | None:
+    """The keyword a registered press needs from its caller ("adapter", "draft_model"), or None."""
+    return NEEDS.get(press_key(name))
 
 
 def make_press(name: str, *, compression_ratio: float | None = None, budget: int | None = None,
                **kwargs: Any) -> BasePress:
     """Build a registered press; exactly one of compression_ratio / budget (or neither: ratio 0)."""
-    key = name.lower().replace("_", "-")
+    key = press_key(name)
     if key not in PRESSES:
         raise ValueError(f"unknown press {name!r}; known: {', '.join(sorted(PRESSES))}")
     if compression_ratio is not None and budget is not None:

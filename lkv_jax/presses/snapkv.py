@@ -14,13 +14,8 @@ import dataclasses
 import jax.numpy as jnp
 
 from lkv_jax.presses.base import BasePress, Scored, register_press
-from lkv_jax.presses.window import (
-    check_pooling,
-    check_window_rows,
-    pool_scores,
-    prefill_with_window,
-    reduce_group,
-)
+from lkv_jax.presses.window import check_pooling, check_window_rows, pool_before_window, prefill_with_window
+from lkv_jax.suffix_scoring import reduce_gqa
 
 
 @register_press
@@ -56,13 +51,13 @@ class SnapKVPress(BasePress):
     def extra_kept(self) -> int:
         return self.window_size if self.window_outside else 0
 
-    def check_prompt(self, prompt) -> None:
-        """Raise for prompt rows too short for the window (called before compressing)."""
-        check_window_rows(prompt, self.window_size, type(self).__name__)
+    @property
+    def window(self) -> int:
+        return self.window_size
 
-    def compress(self, model, prompt, prefix=None):
-        self.check_prompt(prompt)
-        return super().compress(model, prompt, prefix)
+    def check_prompt(self, model, prompt) -> None:
+        """Raise for prompt rows too short for the window."""
+        check_window_rows(prompt, self.window_size, type(self).__name__)
 
     def window_scores(self, model, ids, valid, positions, chunk, prefix=None):
         """(cache, logits, per-layer float32 [B, K, S] scores, per-layer protected [B, K, S])."""
@@ -72,12 +67,10 @@ class SnapKVPress(BasePress):
         # over the group first. Max pooling cannot, and stays per query head.
         kv = self.pooling == "avg"
         cache, logits, raw = prefill_with_window(model, ids, valid, positions, chunk=chunk, window=w, prefix=prefix,
-                                                 score_heads="kv" if kv else "query",
-                                                 implementation=self.implementation, interpret=self.interpret)
+                                                 scoring=self.scoring(kv_heads=kv))
         K = model.config.num_key_value_heads
-        prefix = (valid & (jnp.arange(T) < T - w)[None])[:, None, :]  # [B, 1, S]
-        pooled = (pool_scores(s, prefix, self.kernel_size, self.pooling) for s in raw)
-        scores = tuple(p if kv else reduce_group(p, K) for p in pooled)
+        pooled = (pool_before_window(s, valid, w, self.kernel_size, self.pooling) for s in raw)
+        scores = tuple(p if kv else reduce_gqa(p, K) for p in pooled)
         window = jnp.broadcast_to((jnp.arange(T) >= T - w)[None, None], (ids.shape[0], K, T))
         return cache, logits, scores, (window,) * len(scores)
 

@@ -10,8 +10,8 @@ minus its window, then glimpse [window; draft] appended to the cache (the draft'
 the prompt and are never selected). Draft tokens after the draft's EOS do not score.
 
 The draft must share the target's vocabulary (an error otherwise). The draft runs greedily through
-`lkv_jax.generate`, so `compress` is not one jittable function: the draft is not a pytree field; the
-scoring that follows is (`DraftScoredPress`, the draft tokens as array leaves). The number of draft
+`lkv_jax.generate` before compressing (`SpecKVPress.prepare`); the scoring that follows is one pure function
+(`DraftScoring`, the draft tokens as array leaves). The number of draft
 tokens is not fixed by the LookaheadKV paper; 32 is our choice (a config field).
 
 `draft_model="self"` drafts with the compressed model itself: with `window_size=1, kernel_size=1,
@@ -23,7 +23,9 @@ answer is generated twice).
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -32,7 +34,7 @@ from lkv_jax.presses.window import (
     REDUCTIONS,
     check_pooling,
     check_window_rows,
-    pool_scores,
+    pool_before_window,
     prefill_with_window,
 )
 
@@ -62,47 +64,6 @@ def draft_tokens(draft_model, prompt, n_tokens: int):
 
 @register_press
 @dataclasses.dataclass(frozen=True)
-class DraftScoredPress(BasePress):
-    """The scoring half of SpecKV, given the draft tokens (array leaves, so it jits like any press)."""
-
-    window_size: int = 32
-    kernel_size: int = 7
-    pooling: str = "max"
-    reduction: str = "max"
-    draft_ids: jnp.ndarray | None = None
-    draft_valid: jnp.ndarray | None = None
-
-    array_fields = ("draft_ids", "draft_valid")
-
-    @property
-    def n_protected(self) -> int:
-        return self.window_size
-
-    @property
-    def suffix_slots(self) -> int:
-        return int(self.draft_ids.shape[1])
-
-    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk, prefix=None):
-        B, T = prompt_ids.shape
-        w = self.window_size
-        K = model.config.num_key_value_heads
-        L = self.draft_ids.shape[1]
-        cache, logits, raw = prefill_with_window(model, prompt_ids, valid, positions, chunk=chunk, window=w,
-                                                 prefix=prefix, suffix=self.draft_ids, suffix_valid=self.draft_valid,
-                                                 extra_capacity=L, reduce=self.reduction, score_heads="kv",
-                                                 implementation=self.implementation, interpret=self.interpret)
-        # decoding continues right after the prompt: the draft tokens only scored
-        cache = dataclasses.replace(cache, next_position=positions[:, -1] + 1)
-        S = T + L
-        prefix = (jnp.pad(valid, ((0, 0), (0, L))) & (jnp.arange(S) < T - w)[None])[:, None, :]
-        # the op reduces over draft queries and the GQA group at once (max of max, or mean of mean)
-        scores = tuple(pool_scores(s, prefix, self.kernel_size, self.pooling) for s in raw)
-        window = jnp.broadcast_to(((jnp.arange(S) >= T - w) & (jnp.arange(S) < T))[None, None], (B, K, S))
-        return Scored(cache=cache, logits=logits, scores=scores, protected=(window,) * len(scores))
-
-
-@register_press
-@dataclasses.dataclass(frozen=True, init=False)
 class SpecKVPress(BasePress):
     draft_model: object = None
     n_draft_tokens: int = 32
@@ -111,18 +72,8 @@ class SpecKVPress(BasePress):
     pooling: str = "max"
     reduction: str = "max"
 
-    def __init__(self, draft_model=None, **fields):
-        # the draft model first, as in SpecKVPress(draft, budget=...); everything else by keyword
-        values = {"draft_model": draft_model, **fields}
-        for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, values.pop(f.name, f.default))
-        if values:
-            raise TypeError(f"SpecKVPress got unexpected arguments {sorted(values)}")
-        self.__post_init__()
-
     def __post_init__(self):
-        if not (isinstance(self.draft_model, str) and self.draft_model == "self"
-                or hasattr(self.draft_model, "config")):
+        if not (_is_self(self.draft_model) or hasattr(self.draft_model, "config")):
             raise TypeError('SpecKVPress needs a draft model (a lkv_jax Transformer, or "self" for the '
                             "compressed model itself)")
         if self.n_draft_tokens < 1 or self.window_size < 1:
@@ -140,15 +91,51 @@ class SpecKVPress(BasePress):
     def suffix_slots(self) -> int:
         return self.n_draft_tokens
 
-    def scorer(self, draft_ids, draft_valid) -> DraftScoredPress:
-        """The jittable scoring press for given draft tokens (int [B, L], bool [B, L])."""
-        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(DraftScoredPress)
-                  if hasattr(self, f.name) and f.name not in ("draft_ids", "draft_valid")}
-        return DraftScoredPress(**shared, draft_ids=draft_ids, draft_valid=draft_valid)
+    @property
+    def window(self) -> int:
+        return self.window_size
 
-    def compress(self, model, prompt, prefix=None):
-        draft = model if isinstance(self.draft_model, str) else self.draft_model
-        check_same_vocab(draft, model)
+    def check_prompt(self, model, prompt) -> None:
+        check_same_vocab(model if _is_self(self.draft_model) else self.draft_model, model)
         check_window_rows(prompt, self.window_size, type(self).__name__)
-        ids, valid = draft_tokens(draft, prompt, self.n_draft_tokens)
-        return self.scorer(ids, valid).compress(model, prompt, prefix)
+
+    def prepare(self, model, prompt) -> DraftScoring:
+        """The draft's tokens for this batch, in the jittable scoring."""
+        ids, valid = draft_tokens(model if _is_self(self.draft_model) else self.draft_model, prompt,
+                                  self.n_draft_tokens)
+        # the draft has done its part: the scoring's static settings must not hold (and hash) a model
+        return DraftScoring(dataclasses.replace(self, draft_model="self"), ids, valid)
+
+
+def _is_self(draft_model) -> bool:
+    return isinstance(draft_model, str) and draft_model == "self"
+
+
+@register_press
+@dataclasses.dataclass(frozen=True)
+class DraftScoring:
+    """The scoring half of SpecKV, given the draft tokens (int [B, L], bool [B, L] array leaves, so it jits
+    like a press); `press` (static) holds the window, pooling and reduction settings."""
+
+    press: SpecKVPress
+    draft_ids: jax.Array
+    draft_valid: jax.Array
+
+    array_fields: ClassVar[tuple[str, ...]] = ("draft_ids", "draft_valid")
+
+    def prefill_and_score(self, model, prompt_ids, valid, positions, chunk, prefix=None):
+        p = self.press
+        B, T = prompt_ids.shape
+        w = p.window_size
+        K = model.config.num_key_value_heads
+        L = self.draft_ids.shape[1]
+        cache, logits, raw = prefill_with_window(model, prompt_ids, valid, positions, chunk=chunk, window=w,
+                                                 prefix=prefix, suffix=self.draft_ids, suffix_valid=self.draft_valid,
+                                                 extra_capacity=L, scoring=p.scoring(kv_heads=True, reduce=p.reduction))
+        # decoding continues right after the prompt: the draft tokens only scored
+        cache = dataclasses.replace(cache, next_position=positions[:, -1] + 1)
+        S = T + L
+        # the op reduces over draft queries and the GQA group at once (max of max, or mean of mean)
+        scores = tuple(pool_before_window(s, valid, w, p.kernel_size, p.pooling) for s in raw)
+        window = jnp.broadcast_to(((jnp.arange(S) >= T - w) & (jnp.arange(S) < T))[None, None], (B, K, S))
+        return Scored(cache=cache, logits=logits, scores=scores, protected=(window,) * len(scores))

@@ -22,21 +22,20 @@ class TOVAPress(BasePress):
     def n_protected(self) -> int:
         return 1
 
-    def check_prompt(self, prompt) -> None:
-        """Raise for prompt rows too short for the window (called before compressing)."""
-        check_window_rows(prompt, 1, type(self).__name__)
+    @property
+    def window(self) -> int:
+        return 1
 
-    def compress(self, model, prompt, prefix=None):
-        self.check_prompt(prompt)
-        return super().compress(model, prompt, prefix)
+    def check_prompt(self, model, prompt) -> None:
+        """Raise for prompts of fewer than two tokens."""
+        check_window_rows(prompt, 1, type(self).__name__)
 
     def prefill_and_score(self, model, prompt_ids, valid, positions, chunk, prefix=None):
         B, T = prompt_ids.shape
         K = model.config.num_key_value_heads
         # per-KV-head means from the score-and-evict op; their mean is the mean over all query heads
         cache, logits, raw = prefill_with_window(model, prompt_ids, valid, positions, chunk=chunk, window=1,
-                                                 prefix=prefix, score_heads="kv", implementation=self.implementation,
-                                                 interpret=self.interpret)
+                                                 prefix=prefix, scoring=self.scoring(kv_heads=True))
         scores = tuple(jnp.broadcast_to(s.mean(1, keepdims=True), (B, K, T)) for s in raw)
         last = jnp.broadcast_to((jnp.arange(T) == T - 1)[None, None], (B, K, T))
         return Scored(cache=cache, logits=logits, scores=scores, protected=(last,) * len(scores))

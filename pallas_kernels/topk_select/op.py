@@ -1,7 +1,7 @@
 """Top-n selection per row and KV head (what every press's eviction runs, through
-`lkv_jax.selection`): `lax.top_k` (the reference, `_select_xla`) or a Pallas threshold-select with the
-same kept sets (protected slots forced in, unselectable slots never chosen, ties by lowest slot) from
-threshold cuts and a prefix-sum compaction."""
+`lkv_jax.eviction.TopPerHead` with the press's `implementation`): `lax.top_k` (the reference,
+`_select_xla`) or a Pallas threshold-select with the same kept sets (protected slots forced in,
+unselectable slots never chosen, ties by lowest slot) from threshold cuts and a prefix-sum compaction."""
 
 from __future__ import annotations
 
