@@ -218,7 +218,7 @@ def bench(model, hf, directory: Path, length: int, batch: int, n_new: int, budge
             n_kept, mem = length + n_new - 1, runner.cache_bytes()
         else:
             cache = caches[name][0]
-            n_kept = int(np.asarray(cache.n_valid()[0]).max())
+            n_kept = int(np.asarray(cache.valid[0]).sum(-1).max())
             mem = cache_bytes(cache)
         rows[name] = {"seconds_n": t_n, "seconds_1": t_1, "ms_per_step": 1e3 * step,
                       "tokens_per_s": batch / step if step > 0 else float("nan"),

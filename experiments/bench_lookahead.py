@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_timing import best_interleaved, profile_calls, time_runs  # noqa: E402
 
 import lkv_jax  # noqa: E402
-from lkv_jax.inference import _prefill_jit, prepare_prompt  # noqa: E402
+from lkv_jax.inference import jitted_prefill, prepare_prompt  # noqa: E402
 from lkv_jax.lookahead import init_adapter  # noqa: E402
 from lkv_jax.lookahead.data_pipeline import prefill_chunk  # noqa: E402
 from lkv_jax.lookahead.training import TrainConfig, make_optimizer, train_step  # noqa: E402
@@ -46,6 +46,7 @@ from lkv_jax.presses import LookaheadKVPress  # noqa: E402
 from lkv_jax.presses.laq import LAQPress  # noqa: E402
 from lkv_jax.presses.snapkv import SnapKVPress  # noqa: E402
 from lkv_jax.presses.speckv import SpecKVPress  # noqa: E402
+from lkv_jax.sharding import resolve_mesh  # noqa: E402
 
 VOCAB = 32000
 
@@ -78,8 +79,8 @@ def bench_eviction(model, draft, ids, budget: int, repeats: int, profile: str | 
     T = prompt.ids.shape[1]
 
     def plain():
-        return _prefill_jit(graphdef, params, prompt.ids, prompt.valid, prompt.positions, chunk=prompt.chunk,
-                            capacity=T, all_logits=False)
+        fn = jitted_prefill(graphdef, params, resolve_mesh(None), chunk=prompt.chunk, capacity=T)
+        return fn(params, prompt.ids, prompt.valid, prompt.positions)
 
     adapter = init_adapter(model.config, jax.random.key(0))
     presses = {
@@ -124,8 +125,8 @@ def bench_training(model, T: int, repeats: int) -> dict:
     step = jax.jit(lambda p, a, s, b: train_step(graphdef, p, a, s, b, optimizer=opt, chunk=chunk))
     compiled = step.lower(params, adapter, opt_state, batch).compile()
     t = time_runs(lambda: compiled(params, adapter, opt_state, batch), repeats)
-    prefill = _prefill_jit.lower(graphdef, params, batch["prompt_ids"], batch["prompt_valid"], batch["positions"],
-                                 chunk=chunk, capacity=T, all_logits=False).compile()
+    prefill = jitted_prefill(graphdef, params, resolve_mesh(None), chunk=chunk, capacity=T).lower(
+        params, batch["prompt_ids"], batch["prompt_valid"], batch["positions"]).compile()
     m_step, m_prefill = memory(compiled), memory(prefill)
     return {"prompt_tokens": T, "step_s": t, "step_peak_mib": m_step / 2**20, "prefill_peak_mib": m_prefill / 2**20,
             "step_over_prefill_memory": m_step / m_prefill}

@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_timing import hlo_op_seconds, profile_calls, time_runs  # noqa: E402
 
 import lkv_jax  # noqa: E402
-from lkv_jax.inference import _prefill_jit, prepare_prompt  # noqa: E402
+from lkv_jax.inference import jitted_prefill, prepare_prompt  # noqa: E402
+from lkv_jax.sharding import resolve_mesh  # noqa: E402
 
 
 def build_models(vocab: int, seed: int = 0):
@@ -62,8 +63,8 @@ def peak_bytes(model, ids, chunk: int) -> tuple[int, int]:
     """(arguments + outputs + temporaries, temporaries) in bytes of the compiled prefill."""
     prompt = prepare_prompt(ids, None, chunk, model.config.vocab_size)
     graphdef, params = nnx.split(model)
-    compiled = _prefill_jit.lower(graphdef, params, prompt.ids, prompt.valid, prompt.positions, chunk=prompt.chunk,
-                                  capacity=prompt.ids.shape[1], all_logits=False).compile()
+    fn = jitted_prefill(graphdef, params, resolve_mesh(None), chunk=prompt.chunk, capacity=prompt.ids.shape[1])
+    compiled = fn.lower(params, prompt.ids, prompt.valid, prompt.positions).compile()
     m = compiled.memory_analysis()
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
     return int(total), int(m.temp_size_in_bytes)
@@ -138,12 +139,12 @@ def breakdown(model, T: int, chunk: int, repeats: int, trace_dir: Path) -> dict:
     ids = np.random.RandomState(T).randint(0, model.config.vocab_size, size=(1, T))
     prompt = prepare_prompt(ids, None, chunk, model.config.vocab_size)
     graphdef, params = nnx.split(model)
-    args = (graphdef, params, prompt.ids, prompt.valid, prompt.positions)
-    kw = dict(chunk=prompt.chunk, capacity=prompt.ids.shape[1], all_logits=False)
-    hlo = _hlo_ops(_prefill_jit.lower(*args, **kw).compile().as_text())
-    wall = time_runs(lambda: _prefill_jit(*args, **kw), repeats, reduce=min)
-    profile_calls({f"prefill {T} #{i}": (lambda: _prefill_jit(*args, **kw)) for i in range(repeats)}, trace_dir)
-    ops = {op: v for (module, op), v in hlo_op_seconds(trace_dir).items() if module == "jit__prefill_jit"}
+    fn = jitted_prefill(graphdef, params, resolve_mesh(None), chunk=prompt.chunk, capacity=prompt.ids.shape[1])
+    args = (params, prompt.ids, prompt.valid, prompt.positions)
+    hlo = _hlo_ops(fn.lower(*args).compile().as_text())
+    wall = time_runs(lambda: fn(*args), repeats, reduce=min)
+    profile_calls({f"prefill {T} #{i}": (lambda: fn(*args)) for i in range(repeats)}, trace_dir)
+    ops = {op: v for (module, op), v in hlo_op_seconds(trace_dir).items() if module == "jit_prefill_step"}
     secs = dict.fromkeys((*CATEGORIES, "other"), 0.0)
     moved = dict.fromkeys(secs, 0.0)  # bytes read and written per call
     attn_dots = 0.0  # attention's matmuls apart from its softmax and masking

@@ -38,9 +38,10 @@ from bench_timing import best_interleaved, profile_calls, time_runs  # noqa: E40
 import lkv_jax  # noqa: E402
 from lkv_jax.compression import compress_prompt  # noqa: E402
 from lkv_jax.config import ModelConfig  # noqa: E402
-from lkv_jax.inference import _prefill_jit, prepare_prompt  # noqa: E402
+from lkv_jax.inference import jitted_prefill, prepare_prompt  # noqa: E402
 from lkv_jax.models.transformer import Transformer  # noqa: E402
 from lkv_jax.presses import make_press  # noqa: E402
+from lkv_jax.sharding import resolve_mesh  # noqa: E402
 
 DEFAULT_PRESSES = ("streamingllm", "knorm", "random", "tova", "snapkv", "snapkv-paper", "pyramidkv",
                    "observed-attention", "expected-attention", "adakv-snapkv", "laq", "speckv")
@@ -83,8 +84,9 @@ def main(argv=None) -> int:
         prompt = prepare_prompt(ids, None, args.chunk, model.config.vocab_size)
 
         def prefill(prompt=prompt):
-            cache, logits = _prefill_jit(graphdef, params, prompt.ids, prompt.valid, prompt.positions,
-                                         chunk=prompt.chunk, capacity=prompt.ids.shape[1], all_logits=False)
+            fn = jitted_prefill(graphdef, params, resolve_mesh(None), chunk=prompt.chunk,
+                                capacity=prompt.ids.shape[1])
+            cache, logits = fn(params, prompt.ids, prompt.valid, prompt.positions)
             jax.block_until_ready(logits)
 
         def first_token(press=None, ids=ids):

@@ -68,10 +68,6 @@ class KVCache:
             valid=tuple(pad(v, False) for v in self.valid),
         )
 
-    def n_valid(self) -> list[jax.Array]:
-        """Per layer, int32 [B, K] number of valid entries."""
-        return [v.sum(-1) for v in self.valid]
-
 
 def write_entries(keys, values, positions, valid, at, k_new, v_new, pos_new, valid_new):
     """Write T new entries of one layer at slot `at` (a traced int).

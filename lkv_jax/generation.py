@@ -6,10 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lkv_jax.cache import KVCache
+from lkv_jax.distributed import fetch_to_host
 from lkv_jax.inference import DEFAULT_CHUNK, append_pure, prefill
 from lkv_jax.models.transformer import Transformer
+from lkv_jax.sharding import batch_sharding, cache_shardings, entry_mesh, entry_point, model_mesh, param_shardings
 
 
 def forward(model: Transformer, input_ids, attention_mask=None, *, chunk_size: int = DEFAULT_CHUNK) -> jax.Array:
@@ -49,24 +53,24 @@ def greedy_loop_pure(model: Transformer, cache: KVCache, first_logits, *, max_ne
     return (out, n, cache) if return_cache else (out, n)
 
 
-def _greedy_loop_impl(graphdef, params, cache: KVCache, first_logits, *, max_new_tokens, eos, pad):
-    return greedy_loop_pure(nnx.merge(graphdef, params), cache, first_logits, max_new_tokens=max_new_tokens,
-                            eos=eos, pad=pad)
+def jitted_greedy_loop(graphdef, params, mesh: Mesh, *, max_new_tokens: int, eos: tuple[int, ...], pad: int,
+                       donate_cache: bool = False):
+    """The jitted `greedy_loop_pure` of one model structure on `mesh` (built once, cached): `fn(params,
+    cache, first_logits) -> (tokens [B, max_new_tokens] over data, n replicated)`, and with donate_cache
+    also the final cache, which XLA aliases to the donated input: the while loop then updates the caller's
+    buffers in place instead of first copying the whole cache (1.5 GB at batch 8 x 4K tokens on
+    SmolLM2-135M) and holding two of them."""
+    def build():
+        def greedy_loop(params, cache, first_logits):
+            return greedy_loop_pure(nnx.merge(graphdef, params), cache, first_logits, max_new_tokens=max_new_tokens,
+                                    eos=eos, pad=pad, return_cache=donate_cache)
 
+        b2, c_sh = batch_sharding(mesh, 2), cache_shardings(mesh, len(params["layers"]))
+        out = (b2, NamedSharding(mesh, P())) + ((c_sh,) if donate_cache else ())
+        return jax.jit(greedy_loop, in_shardings=(param_shardings(mesh, params), c_sh, b2), out_shardings=out,
+                       donate_argnums=(1,) if donate_cache else ())
 
-_STATIC = ("graphdef", "max_new_tokens", "eos", "pad")
-_greedy_loop = jax.jit(_greedy_loop_impl, static_argnames=_STATIC)
-
-
-def _greedy_loop_donating_impl(graphdef, params, cache: KVCache, first_logits, *, max_new_tokens, eos, pad):
-    # the final cache is returned so that XLA can alias it to the donated input: the while loop then
-    # updates the caller's buffers in place instead of first copying the whole cache (1.5 GB at batch 8
-    # x 4K tokens on SmolLM2-135M, about a second on a CPU) and holding two of them
-    return greedy_loop_pure(nnx.merge(graphdef, params), cache, first_logits, max_new_tokens=max_new_tokens,
-                            eos=eos, pad=pad, return_cache=True)
-
-
-_greedy_loop_donating = jax.jit(_greedy_loop_donating_impl, static_argnames=_STATIC, donate_argnames=("cache",))
+    return entry_point(("greedy", graphdef, mesh, max_new_tokens, eos, pad, donate_cache), build)
 
 
 def decoding_ids(config, eos_token_id=None, pad_token_id=None) -> tuple[tuple[int, ...], int]:
@@ -80,29 +84,36 @@ def decoding_ids(config, eos_token_id=None, pad_token_id=None) -> tuple[tuple[in
 
 def generate(model: Transformer, input_ids, max_new_tokens: int, press=None, *, attention_mask=None,
              eos_token_id: int | tuple[int, ...] | None = None, pad_token_id: int | None = None,
-             chunk_size: int = DEFAULT_CHUNK) -> np.ndarray:
+             chunk_size: int = DEFAULT_CHUNK, mesh: Mesh | None = None) -> np.ndarray:
     """Greedy decoding of a left-padded batch, from the full cache (press=None) or a compressed one.
 
     input_ids int [B, T]; returns the new tokens int [B, n] with n <= max_new_tokens: the loop stops
     when every row has produced an EOS, and rows that finished earlier are filled with the pad id
-    (pad_token_id, else the first EOS id), as transformers' `generate` does.
+    (pad_token_id, else the first EOS id), as transformers' `generate` does. With a `mesh` (B divisible
+    by its data axis) every step runs over it; the tokens come back to every process.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     # refused before anything is allocated: decoding continues right after each row's prompt
     model.config.check_length(_longest_prompt(input_ids, attention_mask) + max_new_tokens)
+    mesh = model_mesh(model, mesh)
     # the first new token comes from the prompt's logits: the cache needs room for the other n - 1 only
     if press is None:
         cache, logits = prefill(model, input_ids, attention_mask, chunk_size=chunk_size,
-                                extra_capacity=max_new_tokens - 1)
+                                extra_capacity=max_new_tokens - 1, mesh=mesh)
     else:
-        from lkv_jax.compression import compress
-
-        out = compress(model, input_ids, press, attention_mask=attention_mask, chunk_size=chunk_size)
+        out = _compress(model, input_ids, press, attention_mask=attention_mask, chunk_size=chunk_size, mesh=mesh)
         cache, logits = out.cache.grow(max_new_tokens - 1), out.logits
     # the cache is this call's own: decode into it in place
     return generate_from_cache(model, cache, logits, max_new_tokens, eos_token_id=eos_token_id,
-                               pad_token_id=pad_token_id, donate_cache=True)
+                               pad_token_id=pad_token_id, donate_cache=True, mesh=mesh)
+
+
+def _compress(model, input_ids, press, *, attention_mask, chunk_size: int, mesh: Mesh | None):
+    """`lkv_jax.compress`, over `mesh` when one is given."""
+    from lkv_jax.compression import compress
+
+    return compress(model, input_ids, press, attention_mask=attention_mask, chunk_size=chunk_size, mesh=mesh)
 
 
 def _longest_prompt(input_ids, attention_mask) -> int:
@@ -115,26 +126,27 @@ def _longest_prompt(input_ids, attention_mask) -> int:
 
 def generate_from_cache(model: Transformer, cache: KVCache, first_logits, max_new_tokens: int, *,
                         eos_token_id: int | tuple[int, ...] | None = None,
-                        pad_token_id: int | None = None, donate_cache: bool = False) -> np.ndarray:
+                        pad_token_id: int | None = None, donate_cache: bool = False,
+                        mesh: Mesh | None = None) -> np.ndarray:
     """Greedy decoding from any cache (full, compressed, or with a question appended).
 
     first_logits float32 [B, V] give the first new token; the cache needs room for max_new_tokens - 1
     more entries. Returns int [B, n], n <= max_new_tokens, as `generate`.
     donate_cache=True decodes into the cache's own buffers (no copy of the whole cache first, half
     the peak memory); the cache must not be used again (its arrays are deleted once a step has run).
+    With a `mesh` the loop runs over it, the cache laid out per `cache_specs`.
     """
     if max_new_tokens == 1:
         # no decoding step: the loop would only copy the (undonated) cache into its carry
-        return np.asarray(jnp.argmax(first_logits, -1).astype(jnp.int32))[:, None]
+        return fetch_to_host(jnp.argmax(first_logits, -1).astype(jnp.int32))[:, None]
+    mesh = entry_mesh(model, mesh, batch=first_logits.shape[0])
     eos, pad = decoding_ids(model.config, eos_token_id, pad_token_id)
     graphdef, params = nnx.split(model)
-    if donate_cache:
-        tokens, n, _ = _greedy_loop_donating(graphdef, params, _distinct_buffers(cache), first_logits,
-                                             max_new_tokens=max_new_tokens, eos=eos, pad=pad)
-    else:
-        tokens, n = _greedy_loop(graphdef, params, cache, first_logits, max_new_tokens=max_new_tokens,
-                                 eos=eos, pad=pad)
-    return np.asarray(tokens)[:, : int(n)]
+    fn = jitted_greedy_loop(graphdef, params, mesh, max_new_tokens=max_new_tokens, eos=eos, pad=pad,
+                            donate_cache=donate_cache)
+    tokens, n = fn(params, _distinct_buffers(cache) if donate_cache else cache, first_logits)[:2]
+    tokens, n = fetch_to_host((tokens, n))
+    return tokens[:, : int(n)]
 
 
 def _distinct_buffers(cache: KVCache) -> KVCache:

@@ -9,7 +9,8 @@ learned suffix (with the LoRA switched on by `lora_mask`), the response that def
 draft tokens. A glimpse either leaves the cache as it is (`glimpse_pure`) or writes the suffix into it
 (`append_pure`: decoding, windows, lookahead suffixes). Each public function takes the NNX model and runs a
 jitted pure function of `(graphdef, params)`; the `*_pure` functions are those pure functions, for composing
-under one `jit`.
+under one `jit`. `prefill` and `decode` take `mesh=` and are jitted with explicit shardings (one device is a
+1x1x1 mesh).
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from lkv_jax.attention import attention_with_probs, blockwise_causal_attention, cache_attention, dense_causal_attention
 from lkv_jax.cache import KVCache, write_entries
 from lkv_jax.errors import InputError
 from lkv_jax.models.transformer import NO_LORA, LoraContext, Transformer
+from lkv_jax.sharding import batch_sharding, cache_shardings, entry_mesh, entry_point, param_shardings
 from lkv_jax.suffix_scoring import kv_head_scores
 
 DEFAULT_CHUNK = 512
@@ -372,28 +375,41 @@ def forward_dense_pure(model: Transformer, input_ids, valid=None, positions=None
 # jitted public entry points
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "capacity", "all_logits"))
-def _prefill_jit(graphdef, params, ids, valid, positions, *, chunk, capacity, all_logits):
-    return prefill_pure(nnx.merge(graphdef, params), ids, valid, positions, chunk=chunk,
-                        capacity=capacity, all_logits=all_logits)
+def jitted_prefill(graphdef, params, mesh: Mesh, *, chunk: int, capacity: int, all_logits: bool = False):
+    """The jitted prefill of one model structure on `mesh` for these static sizes (built once, cached):
+    `fn(params, ids, valid, positions) -> (cache, logits)` as `prefill_pure`, parameters per their
+    declared axes, the batch over data, the cache per `cache_specs`."""
+    def build():
+        def prefill_step(params, ids, valid, positions):
+            return prefill_pure(nnx.merge(graphdef, params), ids, valid, positions, chunk=chunk, capacity=capacity,
+                                all_logits=all_logits)
+
+        b2 = batch_sharding(mesh, 2)
+        out = (cache_shardings(mesh, len(params["layers"])), batch_sharding(mesh, 3 if all_logits else 2))
+        return jax.jit(prefill_step, in_shardings=(param_shardings(mesh, params), b2, b2, b2), out_shardings=out)
+
+    return entry_point(("prefill", graphdef, mesh, chunk, capacity, all_logits), build)
 
 
 def prefill(model: Transformer, input_ids, attention_mask=None, *, chunk_size: int = DEFAULT_CHUNK,
-            extra_capacity: int = 0, all_logits: bool = False) -> tuple[KVCache, jax.Array]:
+            extra_capacity: int = 0, all_logits: bool = False, mesh: Mesh | None = None) -> tuple[KVCache, jax.Array]:
     """Prefill a (left-padded) prompt batch into a new cache.
 
     input_ids int [B, T], attention_mask 0/1 [B, T]. The cache holds ceil(T / chunk) * chunk prompt
     slots (extra left padding is invalid) plus `extra_capacity` empty slots. Returns (cache, logits):
-    float32 [B, V] for the last token, or [B, T, V] (original T) with all_logits.
+    float32 [B, V] for the last token, or [B, T, V] (original T) with all_logits. With a `mesh` (B
+    divisible by its data axis) the cache's batch lies over data and its KV heads over tensor.
     """
     prompt = prepare_prompt(input_ids, attention_mask, chunk_size, model.config.vocab_size)
     T_orig = np.asarray(input_ids).shape[-1]
     Tp = prompt.ids.shape[1]
     # positions are counted from each row's first real token: left padding takes none
     model.config.check_length(int(np.asarray(prompt.valid).sum(1).max()) + extra_capacity)
+    mesh = entry_mesh(model, mesh, batch=prompt.ids.shape[0])
     graphdef, params = nnx.split(model)
-    cache, logits = _prefill_jit(graphdef, params, prompt.ids, prompt.valid, prompt.positions,
-                                 chunk=prompt.chunk, capacity=Tp + extra_capacity, all_logits=all_logits)
+    fn = jitted_prefill(graphdef, params, mesh, chunk=prompt.chunk, capacity=Tp + extra_capacity,
+                        all_logits=all_logits)
+    cache, logits = fn(params, prompt.ids, prompt.valid, prompt.positions)
     if all_logits:
         logits = logits[:, Tp - T_orig:]
     return cache, logits
@@ -450,11 +466,20 @@ def glimpse(model: Transformer, cache: KVCache, suffix_ids=None, *, suffix_embed
                         append=append, logits=logits)
 
 
-def decode(model: Transformer, cache: KVCache, token) -> tuple[jax.Array, KVCache]:
+def decode(model: Transformer, cache: KVCache, token, *, mesh: Mesh | None = None) -> tuple[jax.Array, KVCache]:
     """Append one token per row (int [B]) at its true next position; returns (float32 [B, V], cache)."""
     token = jnp.asarray(token).reshape(-1, 1)
     _check_room(cache, 1)
+    mesh = entry_mesh(model, mesh, batch=token.shape[0])
     graphdef, params = nnx.split(model)
-    out = _glimpse_jit(graphdef, params, cache, model.embed_tokens(token), None, None, scoring=None, append=True,
-                       logits=True)
-    return out.logits[:, 0], out.cache
+
+    def build():
+        def decode_step(params, cache, token):
+            model = nnx.merge(graphdef, params)
+            out = append_pure(model, cache, model.embed_tokens(token))
+            return out.logits[:, 0], out.cache
+
+        b2, c_sh = batch_sharding(mesh, 2), cache_shardings(mesh, cache.n_layers)
+        return jax.jit(decode_step, in_shardings=(param_shardings(mesh, params), c_sh, b2), out_shardings=(b2, c_sh))
+
+    return entry_point(("decode", graphdef, mesh), build)(params, cache, token)

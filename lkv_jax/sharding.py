@@ -1,7 +1,9 @@
-"""Device meshes and PartitionSpec trees for base parameters, the lookahead adapter, KV caches and batches.
+"""Device meshes, PartitionSpec trees (base parameters, the lookahead adapter, KV caches, batches) and the
+compile cache of the entry points jitted with explicit shardings.
 
-Mesh axes are ("data", "fsdp", "tensor") with Auto axis types. Arrays name their dimensions with
-logical axes and one short table maps logical axes to mesh axes:
+Mesh axes are ("data", "fsdp", "tensor") with Auto axis types; one device is a 1x1x1 mesh. Parameters
+declare their logical axes beside them (`lkv_jax.models.transformer`) and one short table maps logical
+axes to mesh axes:
 
     batch -> data          embed -> fsdp (FSDP: parameters split along the model dimension)
     heads, kv_heads, mlp, vocab -> tensor (tensor parallelism)
@@ -23,8 +25,10 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lkv_jax.cache import KVCache
 from lkv_jax.config import ModelConfig
 from lkv_jax.errors import MeshError
+from lkv_jax.models.transformer import PROJECTION_AXES
 
 AXES = ("data", "fsdp", "tensor")
 LOGICAL_RULES: dict[str, str | None] = {
@@ -40,41 +44,10 @@ LOGICAL_RULES: dict[str, str | None] = {
     "lookahead": None,
 }
 
-# logical axes of every parameter, by the last two components of its path
-_PARAM_AXES = {
-    ("q", "kernel"): ("embed", "heads"),
-    ("k", "kernel"): ("embed", "kv_heads"),
-    ("v", "kernel"): ("embed", "kv_heads"),
-    ("o", "kernel"): ("heads", "embed"),
-    ("gate", "kernel"): ("embed", "mlp"),
-    ("up", "kernel"): ("embed", "mlp"),
-    ("down", "kernel"): ("mlp", "embed"),
-    ("q", "bias"): ("heads",),
-    ("k", "bias"): ("kv_heads",),
-    ("v", "bias"): ("kv_heads",),
-    ("o", "bias"): ("embed",),
-    ("gate", "bias"): ("mlp",),
-    ("up", "bias"): ("mlp",),
-    ("down", "bias"): ("embed",),
-}
 
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Sizes of the ("data", "fsdp", "tensor") mesh axes; their product is the device count used."""
-
-    data: int = 1
-    fsdp: int = 1
-    tensor: int = 1
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.data, self.fsdp, self.tensor)
-
-
-def make_mesh(cfg: MeshConfig | tuple[int, int, int], devices=None) -> Mesh:
-    """A mesh with Auto axis types over the first prod(shape) devices."""
-    shape = cfg.shape if isinstance(cfg, MeshConfig) else tuple(cfg)
+def make_mesh(shape: tuple[int, int, int], devices=None) -> Mesh:
+    """A mesh with Auto axis types over the first prod(shape) devices; shape: (data, fsdp, tensor) sizes."""
+    shape = tuple(int(n) for n in shape)
     n = int(np.prod(shape))
     available = jax.devices() if devices is None else list(devices)
     if n > len(available):
@@ -91,6 +64,25 @@ def resolve_mesh(mesh: Mesh | None) -> Mesh:
     """The mesh an entry point runs on: `mesh`, or a 1x1x1 mesh over the first device. One device is the
     smallest mesh, so every entry point has a single jitted path with explicit shardings."""
     return _single_device_mesh() if mesh is None else mesh
+
+
+def model_mesh(model, mesh: Mesh | None = None) -> Mesh | None:
+    """The mesh an entry point on `model` runs on when given `mesh`: that mesh, else the mesh of several
+    devices its parameters were placed on (`shard_model`, `load_converted(shardings=)`), else None (one
+    device; `resolve_mesh` makes it a 1x1x1 mesh)."""
+    if mesh is None:
+        sharding = getattr(model.embed.get_value(), "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return mesh
+
+
+def entry_mesh(model, mesh: Mesh | None = None, *, batch: int | None = None) -> Mesh:
+    """The mesh an entry point on `model` runs on (`model_mesh`; one device: 1x1x1), checked to divide the
+    model and the batch."""
+    mesh = resolve_mesh(model_mesh(model, mesh))
+    check_mesh(mesh, model.config, batch=batch)
+    return mesh
 
 
 _ENTRY_POINTS: dict = {}
@@ -110,10 +102,6 @@ def logical_to_spec(logical: tuple[str | None, ...]) -> P:
     return P(*(None if name is None else LOGICAL_RULES[name] for name in logical))
 
 
-def _axis_size(mesh: Mesh, axis: str | None) -> int:
-    return 1 if axis is None else mesh.shape[axis]
-
-
 def check_mesh(mesh: Mesh, config: ModelConfig, batch: int | None = None) -> None:
     """Raise `MeshError` naming the axis and the sizes when the mesh does not divide the model/batch."""
     t, f = mesh.shape["tensor"], mesh.shape["fsdp"]
@@ -131,47 +119,30 @@ def check_mesh(mesh: Mesh, config: ModelConfig, batch: int | None = None) -> Non
             raise MeshError(f"mesh axis {axis!r} of size {size} does not divide {what}={value}")
 
 
-def param_logical_axes(path: tuple) -> tuple[str | None, ...]:
-    """Logical axes of a base parameter from its state path, e.g. ('layers', 3, 'q', 'kernel')."""
-    if path[-1] == "embed" or path == ("embed",):
-        return ("vocab", "embed")
-    if path == ("lm_head",):
-        return ("embed", "vocab")
-    if path[-1] == "weight":  # norms: small, replicated
-        return (None,)
-    return _PARAM_AXES[tuple(path[-2:])]
+def state_specs(state: nnx.State) -> nnx.State:
+    """The PartitionSpec of every parameter of a model's state (`nnx.split(model)[1]`), same structure:
+    each parameter's logical axes (its `out_sharding` metadata, declared in `lkv_jax.models.transformer`)
+    mapped through `LOGICAL_RULES`; parameters without axes (norm weights) are replicated."""
+    with nnx.logical_axis_rules(tuple(LOGICAL_RULES.items())):
+        return nnx.get_partition_spec(state)
 
 
 def param_specs(model) -> dict:
     """PartitionSpec pure-dict tree matching `nnx.to_pure_dict(nnx.state(model, nnx.Param))`."""
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    out: dict = {}
-    for path, _ in flat:
-        d = out
-        for part in path[:-1]:
-            d = d.setdefault(part, {})
-        d[path[-1]] = logical_to_spec(param_logical_axes(tuple(path)))
-    return out
-
-
-def _proj_axes(proj: str) -> tuple[str | None, str | None]:
-    return _PARAM_AXES[(proj, "kernel")]
+    return nnx.to_pure_dict(state_specs(nnx.state(model, nnx.Param)))
 
 
 def adapter_specs(adapter):
     """Specs for a LookaheadAdapter: LoRA A follows the base weight's input-dimension spec, B its
     output-dimension spec, the rank is replicated; the lookahead embeddings are replicated."""
-    layers = tuple(
-        {p: {"a": logical_to_spec((_proj_axes(p)[0], "rank")), "b": logical_to_spec(("rank", _proj_axes(p)[1]))}
-         for p in layer}
-        for layer in adapter.layers)
+    lora = lambda p: {"a": logical_to_spec((PROJECTION_AXES[p][0], "rank")),
+                      "b": logical_to_spec(("rank", PROJECTION_AXES[p][1]))}
+    layers = tuple({p: lora(p) for p in layer} for layer in adapter.layers)
     return dataclasses.replace(adapter, embeddings=P(None, None), layers=layers)
 
 
 def cache_specs(n_layers: int):
     """Specs for a KVCache of `n_layers` layers: batch over data, KV heads over tensor."""
-    from lkv_jax.cache import KVCache
-
     kv, pv = logical_to_spec(("batch", "kv_heads", "seq", "head_dim")), logical_to_spec(("batch", "kv_heads", "seq"))
     return KVCache(keys=(kv,) * n_layers, values=(kv,) * n_layers, positions=(pv,) * n_layers,
                    valid=(pv,) * n_layers, cursor=P(), next_position=logical_to_spec(("batch",)))
@@ -187,11 +158,23 @@ def named(mesh: Mesh, specs):
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
+def param_shardings(mesh: Mesh, state: nnx.State) -> nnx.State:
+    """NamedShardings of a model's state (`nnx.split(model)[1]`) per its parameters' declared axes."""
+    return named(mesh, state_specs(state))
+
+
+def cache_shardings(mesh: Mesh, n_layers: int):
+    """NamedShardings of a KVCache per `cache_specs`."""
+    return named(mesh, cache_specs(n_layers))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """The batch over data, the rest replicated."""
+    return NamedSharding(mesh, batch_spec(ndim))
+
+
 def shard_model(model, mesh: Mesh):
     """A copy of `model` whose parameters are placed on `mesh` per `param_specs`."""
     check_mesh(mesh, model.config)
     graphdef, state = nnx.split(model)
-    pure = nnx.to_pure_dict(state)
-    placed = jax.device_put(pure, named(mesh, param_specs(model)))
-    nnx.replace_by_pure_dict(state, placed)
-    return nnx.merge(graphdef, state)
+    return nnx.merge(graphdef, jax.device_put(state, param_shardings(mesh, state)))

@@ -15,8 +15,9 @@ from flax import nnx
 
 import lkv_jax
 from lkv_jax.attention import cache_attention
-from lkv_jax.generation import _distinct_buffers, _greedy_loop_donating, generate_from_cache
+from lkv_jax.generation import _distinct_buffers, generate_from_cache, jitted_greedy_loop
 from lkv_jax.presses import SnapKVPress
+from lkv_jax.sharding import resolve_mesh
 
 
 @pytest.fixture(scope="module")
@@ -113,13 +114,12 @@ def test_donated_decode_loop_never_copies_the_cache(pair, rng, B):
     cache, logits = lkv_jax.prefill(model, ids, extra_capacity=7)
     S, H = cache.capacity(), model.config.head_dim
     graphdef, params = nnx.split(model)
-    hlo = _greedy_loop_donating.lower(graphdef, params, _distinct_buffers(cache), logits, max_new_tokens=8,
-                                      eos=(), pad=0).compile().as_text()
+    loop = lambda donate: jitted_greedy_loop(graphdef, params, resolve_mesh(None), max_new_tokens=8, eos=(), pad=0,
+                                             donate_cache=donate)
+    hlo = loop(True).lower(params, _distinct_buffers(cache), logits).compile().as_text()
     assert "while" in hlo
     assert _cache_copies(hlo, S, H) == []
     # the detector does find them where they exist: the undonated loop copies the cache into its carry
-    from lkv_jax.generation import _greedy_loop
-
-    plain = _greedy_loop.lower(graphdef, params, cache, logits, max_new_tokens=8, eos=(), pad=0).compile().as_text()
+    plain = loop(False).lower(params, cache, logits).compile().as_text()
     assert len(_cache_copies(plain, S, H)) >= 2 * model.config.num_hidden_layers
     jax.block_until_ready(cache)

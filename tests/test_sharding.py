@@ -1,7 +1,9 @@
-"""Sharded training step and prefill-eviction on 8 fake CPU devices equal the single-device path."""
+"""The entry points on a mesh of 8 fake CPU devices equal the single-device path (one device is a 1x1x1 mesh),
+and compile once per shape."""
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,11 +14,11 @@ from jax.sharding import PartitionSpec as P
 
 import lkv_jax
 from lkv_jax.config import ModelConfig
-from lkv_jax.distributed import opt_state_specs, train_step_on_mesh
-from lkv_jax.inference import _prefill_jit, prepare_prompt
+from lkv_jax.generation import jitted_greedy_loop
+from lkv_jax.inference import jitted_prefill, prepare_prompt
 from lkv_jax.lookahead import init_adapter
 from lkv_jax.lookahead.data_pipeline import Collate
-from lkv_jax.lookahead.training import train_step
+from lkv_jax.lookahead.training import jitted_train_step, opt_state_specs, train_step
 from lkv_jax.models.transformer import Transformer
 from lkv_jax.sharding import MeshError, adapter_specs, check_mesh, make_mesh, param_specs, shard_model
 
@@ -52,8 +54,7 @@ def _optimizer():
 
 @pytest.mark.parametrize("shape", MESHES)
 def test_sharded_train_step_equals_single_device(model, batch, shape):
-    graphdef, state = nnx.split(model)
-    base = nnx.to_pure_dict(state)
+    graphdef, base = nnx.split(model)
     adapter = init_adapter(CFG, jax.random.key(1), n_lookahead=4, rank=4)
     # a non-zero B so the first step's gradient reaches every tensor
     adapter = jax.tree.map(lambda x: x + 0.01 if x.ndim == 2 and x.shape[0] == 4 else x, adapter)
@@ -64,11 +65,11 @@ def test_sharded_train_step_equals_single_device(model, batch, shape):
         base, adapter, opt_state, batch)
 
     mesh = make_mesh(shape)
-    fn = train_step_on_mesh(graphdef, opt, mesh, base, adapter, opt_state, batch, chunk=16, label_source="on-the-fly")
+    fn = jitted_train_step(graphdef, base, mesh, opt, adapter, opt_state, batch, chunk=16, label_source="on-the-fly")
     new_adapter, new_opt, metrics = fn(base, adapter, opt_state, batch)
-    for a, b in zip(jax.tree.leaves(new_adapter), jax.tree.leaves(ref_adapter), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
-    np.testing.assert_allclose(float(metrics["loss"]), float(ref_metrics["loss"]), atol=1e-5)
+    host = lambda tree: jax.tree.map(np.asarray, tree)
+    chex.assert_trees_all_close(host(new_adapter), host(ref_adapter), atol=1e-5, rtol=0)
+    chex.assert_trees_all_close(float(metrics["loss"]), float(ref_metrics["loss"]), atol=1e-5, rtol=0)
     # outputs carry the declared shardings
     declared = jax.tree.leaves(adapter_specs(adapter), is_leaf=lambda x: isinstance(x, P))
     for arr, spec in zip(jax.tree.leaves(new_adapter), declared, strict=True):
@@ -118,8 +119,8 @@ def test_tensor_parallelism_lowers_per_device_memory():
         graphdef, params = nnx.split(sharded)
         b = NamedSharding(mesh, P("data", None))
         args = [jax.device_put(x, b) for x in (prompt.ids, prompt.valid, prompt.positions)]
-        m = _prefill_jit.lower(graphdef, params, *args, chunk=prompt.chunk, capacity=64,
-                               all_logits=False).compile().memory_analysis()
+        fn = jitted_prefill(graphdef, params, mesh, chunk=prompt.chunk, capacity=64)
+        m = fn.lower(params, *args).compile().memory_analysis()
         return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
 
     data_parallel, tensor_parallel = per_device_bytes((8, 1, 1)), per_device_bytes((1, 1, 8))
@@ -152,8 +153,6 @@ def test_mesh_errors_name_axis_and_sizes(model):
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)])
 @pytest.mark.parametrize("press_name", [None, "snapkv"])
 def test_generate_on_a_mesh_equals_single_device(model, shape, press_name):
-    from lkv_jax.distributed import generate_on_mesh
-
     rs = np.random.RandomState(7)
     ids = rs.randint(3, 128, size=(8, 40))
     mask = np.ones_like(ids)
@@ -161,21 +160,46 @@ def test_generate_on_a_mesh_equals_single_device(model, shape, press_name):
     press = None if press_name is None else lkv_jax.presses.SnapKVPress(budget=16, window_size=4)
     want = lkv_jax.generate(model, ids, 6, press, attention_mask=mask, eos_token_id=5)
     mesh = make_mesh(shape)
-    got = generate_on_mesh(shard_model(model, mesh), ids, 6, press, mesh, attention_mask=mask, eos_token_id=5)
-    np.testing.assert_array_equal(got, want)
+    got = lkv_jax.generate(shard_model(model, mesh), ids, 6, press, attention_mask=mask, eos_token_id=5, mesh=mesh)
+    chex.assert_trees_all_equal(got, want)
 
 
-def test_decode_on_a_mesh_has_the_declared_shardings(model):
-    from lkv_jax.distributed import decode_on_mesh, prefill_on_mesh
-
+def test_prefill_and_decode_on_a_mesh_have_the_declared_shardings(model):
     mesh = make_mesh((2, 2, 2))
     sharded = shard_model(model, mesh)
     ids = np.random.RandomState(8).randint(3, 128, size=(4, 24))
-    cache, logits = prefill_on_mesh(sharded, ids, mesh)
+    cache, logits = lkv_jax.prefill(sharded, ids, mesh=mesh, extra_capacity=4)
     for k in cache.keys:
         assert k.sharding.is_equivalent_to(NamedSharding(mesh, P("data", "tensor", None, None)), 4)
     assert logits.sharding.is_equivalent_to(NamedSharding(mesh, P("data", None)), 2)
-    tokens, n = decode_on_mesh(sharded, cache, logits, 5, mesh, eos_token_id=())
+    ref_cache, ref_logits = lkv_jax.prefill(model, ids, extra_capacity=4)
+    host = lambda tree: jax.tree.map(np.asarray, tree)
+    chex.assert_trees_all_close(host((cache, logits)), host((ref_cache, ref_logits)), atol=1e-5, rtol=0)
+    graphdef, params = nnx.split(sharded)
+    loop = jitted_greedy_loop(graphdef, params, mesh, max_new_tokens=5, eos=(), pad=0)
+    tokens, n = loop(params, cache, logits)
     assert tokens.shape == (4, 5) and int(n) == 5
     assert tokens.sharding.is_equivalent_to(NamedSharding(mesh, P("data", None)), 2)
-    np.testing.assert_array_equal(np.asarray(tokens), lkv_jax.generate(model, ids, 5, eos_token_id=()))
+    want = lkv_jax.generate(model, ids, 5, eos_token_id=())
+    chex.assert_trees_all_equal(np.asarray(tokens), want)
+    got = lkv_jax.generate_from_cache(sharded, cache, logits, 5, eos_token_id=(), mesh=mesh)
+    chex.assert_trees_all_equal(got, want)
+    # one decoding step on the mesh
+    step_logits, step_cache = lkv_jax.inference.decode(sharded, cache, want[:, 0], mesh=mesh)
+    ref_step_logits, _ = lkv_jax.inference.decode(model, ref_cache, want[:, 0])
+    assert step_cache.keys[0].sharding.is_equivalent_to(NamedSharding(mesh, P("data", "tensor", None, None)), 4)
+    chex.assert_trees_all_close(np.asarray(step_logits), np.asarray(ref_step_logits), atol=1e-5, rtol=0)
+
+
+def test_prefill_and_generate_compile_once_per_shape(model, monkeypatch):
+    """The same shapes with other values reuse the compiled entry point (one trace each)."""
+    from lkv_jax import generation, inference
+
+    monkeypatch.setattr(inference, "prefill_pure", chex.assert_max_traces(inference.prefill_pure, n=2))
+    monkeypatch.setattr(generation, "greedy_loop_pure", chex.assert_max_traces(generation.greedy_loop_pure, n=1))
+    rs = np.random.RandomState(9)
+    shape = (3, 29)  # a shape no other test uses, so the first call traces
+    for _ in range(2):
+        lkv_jax.prefill(model, rs.randint(3, 128, size=shape))
+    for _ in range(2):  # generate traces prefill once more (room for the new tokens) and the loop once
+        lkv_jax.generate(model, rs.randint(3, 128, size=shape), 4, eos_token_id=())

@@ -28,13 +28,14 @@ from lkv_jax.checkpoint.hf import CheckpointError, _assemble, _regex, hf_to_path
 from lkv_jax.config import SUPPORTED_ARCHITECTURES as HF_ARCHITECTURES
 from lkv_jax.config import ModelConfig, RopeConfig, UnsupportedModelError
 from lkv_jax.models.rope import inverse_frequencies
-from lkv_jax.models.transformer import Transformer
+from lkv_jax.models.transformer import MLP_PROJECTIONS, Transformer
 
 # GGUF architecture names, which are also our family names (config.SUPPORTED_ARCHITECTURES maps HF classes)
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # architectures whose q/k rows llama.cpp's converter permutes
 _PERMUTED = ("llama",)
 
+_MLP = "|".join(MLP_PROJECTIONS)
 # (GGUF name, HF name, choices for {p}); {i} is a layer index
 _TABLE = [
     ("token_embd.weight", "model.embed_tokens.weight", ""),
@@ -45,8 +46,8 @@ _TABLE = [
     ("blk.{i}.attn_output.weight", "model.layers.{i}.self_attn.o_proj.weight", ""),
     ("blk.{i}.attn_output.bias", "model.layers.{i}.self_attn.o_proj.bias", ""),
     ("blk.{i}.attn_{p}_norm.weight", "model.layers.{i}.self_attn.{p}_norm.weight", "q|k"),
-    ("blk.{i}.ffn_{p}.weight", "model.layers.{i}.mlp.{p}_proj.weight", "gate|up|down"),
-    ("blk.{i}.ffn_{p}.bias", "model.layers.{i}.mlp.{p}_proj.bias", "gate|up|down"),
+    ("blk.{i}.ffn_{p}.weight", "model.layers.{i}.mlp.{p}_proj.weight", _MLP),
+    ("blk.{i}.ffn_{p}.bias", "model.layers.{i}.mlp.{p}_proj.bias", _MLP),
     ("blk.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight", ""),
     ("blk.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight", ""),
 ]

@@ -19,19 +19,20 @@ from lkv_jax.atomic_files import atomic_copy, atomic_write_text
 from lkv_jax.checkpoint.safetensors_io import open_safetensors, save_safetensors
 from lkv_jax.config import ModelConfig
 from lkv_jax.errors import CheckpointError
-from lkv_jax.models.transformer import Transformer, abstract_transformer
+from lkv_jax.models.transformer import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, Transformer, abstract_transformer
 from lkv_jax.output_dirs import remove_weight_files
 
+_ATTN, _MLP = "|".join(ATTENTION_PROJECTIONS), "|".join(MLP_PROJECTIONS)
 # (HF name, our path, transpose); {i} is a layer index, {p} one of the listed projection names
 _TABLE = [
     ("model.embed_tokens.weight", "embed", False, ""),
     ("model.norm.weight", "final_norm.weight", False, ""),
     ("lm_head.weight", "lm_head", True, ""),
-    ("model.layers.{i}.self_attn.{p}_proj.weight", "layers.{i}.{p}.kernel", True, "q|k|v|o"),
-    ("model.layers.{i}.self_attn.{p}_proj.bias", "layers.{i}.{p}.bias", False, "q|k|v|o"),
+    ("model.layers.{i}.self_attn.{p}_proj.weight", "layers.{i}.{p}.kernel", True, _ATTN),
+    ("model.layers.{i}.self_attn.{p}_proj.bias", "layers.{i}.{p}.bias", False, _ATTN),
     ("model.layers.{i}.self_attn.{p}_norm.weight", "layers.{i}.{p}_norm.weight", False, "q|k"),
-    ("model.layers.{i}.mlp.{p}_proj.weight", "layers.{i}.{p}.kernel", True, "gate|up|down"),
-    ("model.layers.{i}.mlp.{p}_proj.bias", "layers.{i}.{p}.bias", False, "gate|up|down"),
+    ("model.layers.{i}.mlp.{p}_proj.weight", "layers.{i}.{p}.kernel", True, _MLP),
+    ("model.layers.{i}.mlp.{p}_proj.bias", "layers.{i}.{p}.bias", False, _MLP),
     ("model.layers.{i}.input_layernorm.weight", "layers.{i}.input_norm.weight", False, ""),
     ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.post_norm.weight", False, ""),
 ]

@@ -1,44 +1,44 @@
-"""`lkv train`: train a lookahead adapter on a label dataset (resumes from its checkpoints)."""
+"""`lkv train`: train a lookahead adapter on a label dataset (resumes from its checkpoints).
+
+The arguments are `TrainConfig`'s fields: positional ones and flags (--name-with-dashes unless the field
+names its flag), with the help text, choices and parsing the field's metadata gives."""
 
 from __future__ import annotations
+
+import dataclasses
 
 HELP = "train a LookaheadKV adapter (lookahead embeddings + selective LoRA) on a `lkv make-labels` dataset"
 
 
-def _ints(s: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in s.split(",") if x.strip())
+def _parse(field: dataclasses.Field):
+    """The string -> value conversion of a field's argument: given, or the default's type (a tuple's
+    items comma separated)."""
+    if "parse" in field.metadata:
+        return field.metadata["parse"]
+    if isinstance(field.default, tuple):
+        item = type(field.default[0])
+        return lambda text: tuple(item(x.strip()) for x in text.split(",") if x.strip())
+    return type(field.default)
+
+
+def _fields():
+    from lkv_jax.lookahead.training import TrainConfig
+
+    return dataclasses.fields(TrainConfig)
 
 
 def add_arguments(p) -> None:
-    from lkv_jax.lookahead.training import TrainConfig
-
-    d = TrainConfig(data_dir="", out_dir="")
-    p.add_argument("model", help="Hugging Face model directory (the frozen base model)")
-    p.add_argument("data", help="label dataset directory written by `lkv make-labels`")
-    p.add_argument("out", help="run directory: checkpoints/, metrics.jsonl, adapter.safetensors "
-                               "(an existing run there is resumed)")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.learning_rate, help=f"peak learning rate (default {d.learning_rate})")
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--end-lr-ratio", type=float, default=d.end_lr_ratio, help="final lr / peak lr of the cosine")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--clip-norm", type=float, default=d.clip_norm, help="global gradient-norm clip")
-    p.add_argument("--n-lookahead", type=int, default=d.n_lookahead)
-    p.add_argument("--rank", type=int, default=d.rank)
-    p.add_argument("--alpha", type=float, default=d.alpha)
-    p.add_argument("--targets", default=",".join(d.targets), help="LoRA projections, comma separated")
-    p.add_argument("--buckets", default=",".join(map(str, d.buckets)), help="prompt length buckets")
-    p.add_argument("--labels", choices=("dataset", "on-the-fly"), default=d.labels,
-                   help="read stored labels, or recompute them from the stored responses in each step")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--dtype", default=d.dtype, help="base model activation dtype")
-    p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
-                   help="run the step over a device mesh of these axis sizes (e.g. 4,2,1 on 8 chips; the batch "
-                        "size must be divisible by DATA); default: one device")
+    fields = _fields()
+    for f in sorted((f for f in fields if "position" in f.metadata), key=lambda f: f.metadata["position"]):
+        p.add_argument(f.name, metavar=f.metadata["metavar"], help=f.metadata["help"])
+    for f in fields:
+        if "position" in f.metadata:
+            continue
+        shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        help_text = f.metadata["help"] + (f" (default {shown})" if f.default is not None else "")
+        p.add_argument(f.metadata.get("flag", "--" + f.name.replace("_", "-")), dest=f.name, type=_parse(f),
+                       default=f.default, choices=f.metadata.get("choices"), metavar=f.metadata.get("metavar"),
+                       help=help_text.strip())
     p.add_argument("--stop-after", type=int, default=None, help="stop at this step (resume later with the same args)")
     p.add_argument("--restart", action="store_true",
                    help="start over: move an existing run in OUT to OUT/previous-runs/<n>/ (e.g. to rerun a "
@@ -49,14 +49,7 @@ def add_arguments(p) -> None:
 def config_from_args(args):
     from lkv_jax.lookahead.training import TrainConfig
 
-    return TrainConfig(
-        data_dir=args.data, out_dir=args.out, model_dir=args.model, steps=args.steps, batch_size=args.batch_size,
-        learning_rate=args.lr, warmup_steps=args.warmup_steps, end_lr_ratio=args.end_lr_ratio,
-        weight_decay=args.weight_decay, clip_norm=args.clip_norm, n_lookahead=args.n_lookahead, rank=args.rank,
-        alpha=args.alpha, targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
-        buckets=_ints(args.buckets), seed=args.seed, labels=args.labels, checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, dtype=args.dtype,
-        mesh=_ints(args.mesh) if args.mesh else None)
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in _fields()})
 
 
 def run(args) -> int:

@@ -22,7 +22,7 @@ import numpy as np
 
 from lkv_jax.config import ModelConfig
 from lkv_jax.errors import AdapterMismatchError, CheckpointError
-from lkv_jax.models.transformer import PROJECTIONS
+from lkv_jax.models.transformer import PROJECTIONS, projection_shapes
 
 
 @jax.tree_util.register_dataclass
@@ -53,13 +53,6 @@ class LookaheadAdapter:
         """Raise `AdapterMismatchError` unless every tensor's shape fits `config`."""
         check_adapter_shapes(config, {k: tuple(v.shape) for k, v in flatten_named(self).items()},
                              self.rank, self.targets)
-
-
-def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) of every projection of one layer, in the [in, out] weight layout."""
-    D, F = config.hidden_size, config.intermediate_size
-    NH, KH = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    return {"q": (D, NH), "k": (D, KH), "v": (D, KH), "o": (NH, D), "gate": (D, F), "up": (D, F), "down": (F, D)}
 
 
 def _check_targets(targets) -> tuple[str, ...]:

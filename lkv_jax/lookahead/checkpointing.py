@@ -129,9 +129,6 @@ class TrainCheckpointer:
             self.manager.reload()
         return skipped
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

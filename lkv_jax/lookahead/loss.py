@@ -52,21 +52,3 @@ def label_mass_recall(labels, pred, prompt_valid, n_kv_heads: int, budget: int, 
     per_row = kept.reshape(B, nl, -1).mean((1, 2))
     w = jnp.ones(B, jnp.float32) if row_weight is None else row_weight.astype(jnp.float32)
     return (per_row * w).sum() / jnp.maximum(w.sum(), 1.0)
-
-
-def recall_of_kept(labels, kept_positions, n_kv_heads: int):
-    """Label mass kept by an actual eviction (any press): labels float [n_layers, N, T] of one prompt
-    (positions 0..T-1), kept_positions per layer int [K, n] (-1 padding). Returns a float in [0, 1]."""
-    import numpy as np
-
-    labels = np.asarray(labels, np.float64)
-    nl, N, T = labels.shape
-    lab = labels / np.maximum(labels.sum(-1, keepdims=True), 1e-30)
-    lab_kv = lab.reshape(nl, n_kv_heads, N // n_kv_heads, T).mean(2)
-    total = 0.0
-    for l in range(nl):
-        pos = np.asarray(kept_positions[l])
-        for k in range(n_kv_heads):
-            p = pos[k][pos[k] >= 0]
-            total += lab_kv[l, k, np.unique(p)].sum()
-    return float(total / (nl * n_kv_heads))

@@ -7,13 +7,13 @@ minimise the mean KL(label || prediction) with AdamW (warmup + cosine, global-no
 gradient and the optimizer state exist for the adapter alone.
 
 `train_step(graphdef, base_params, adapter, opt_state, batch, ...)` is the pure step; base, adapter and
-batch are separate arguments so that each can be given its own sharding.
+batch are separate arguments so that each can be given its own sharding: `jitted_train_step` jits it over
+a device mesh (one device is a 1x1x1 mesh).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -23,10 +23,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lkv_jax.atomic_files import atomic_write_text, open_append
+from lkv_jax.distributed import fetch_to_host, global_batch
 from lkv_jax.errors import TrainingDivergedError
 from lkv_jax.inference import prefill_pure
 from lkv_jax.lookahead.adapter import LookaheadAdapter, init_adapter, param_summary, save_adapter
@@ -36,40 +40,64 @@ from lkv_jax.lookahead.loss import label_mass_recall, lookahead_loss
 from lkv_jax.lookahead.scoring import lookahead_glimpse
 from lkv_jax.models.transformer import PROJECTIONS
 from lkv_jax.output_dirs import claim_output_dir, move_aside
+from lkv_jax.sharding import adapter_specs, batch_sharding, entry_mesh, entry_point, make_mesh, named, param_shardings
 
 LABEL_SOURCES = ("dataset", "on-the-fly")
 
 
+# The role of a TrainConfig field (its metadata "role"): "step" fields define the run and the compiled
+# train step (optimiser, labels, metrics); "run" fields define the run only (shapes, data order); the
+# others (paths, cadence, mesh, dtype) say where and how it runs. A resumed run must keep the first two.
+STEP, RUN = "step", "run"
+
+
+def _setting(default=dataclasses.MISSING, *, role: str | None = None, help: str = "", **cli):
+    """A TrainConfig field with its role and its `lkv train` argument: `help`, and optionally `flag` (else
+    --name-with-dashes), `position` (a positional argument), `choices`, `parse` (the string -> value
+    conversion, else the default's type; tuples are comma separated), `metavar`."""
+    return dataclasses.field(default=default, metadata={"role": role, "help": help, **cli})
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Everything a training run depends on (saved with each checkpoint)."""
+    """Everything a training run depends on (saved with each checkpoint); `lkv train`'s arguments are
+    derived from the fields."""
 
-    data_dir: str
-    out_dir: str
-    model_dir: str | None = None
-    steps: int = 1000
-    batch_size: int = 4
-    learning_rate: float = 5e-4
-    warmup_steps: int = 50
-    end_lr_ratio: float = 0.1  # cosine decays to learning_rate * end_lr_ratio
-    weight_decay: float = 0.0
-    clip_norm: float = 1.0
-    n_lookahead: int = 32
-    rank: int = 8
-    alpha: float = 32.0
-    targets: tuple[str, ...] = PROJECTIONS
-    buckets: tuple[int, ...] = DEFAULT_BUCKETS
-    seed: int = 0
-    labels: str = "dataset"  # or "on-the-fly": labels from the stored responses inside the step
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3
-    log_every: int = 10
-    recall_budgets: tuple[int, ...] = (64, 128, 256)
-    dtype: str = "bfloat16"  # base model activations
-    # (data, fsdp, tensor) mesh sizes: the step runs jitted over that mesh (base FSDP + tensor parallel,
-    # adapter and optimizer state sharded like their base weights, batch over data); None: one device.
-    # Not run-defining: a run checkpointed on one mesh resumes on another.
-    mesh: tuple[int, int, int] | None = None
+    data_dir: str = _setting(position=1, metavar="data",
+                             help="label dataset directory written by `lkv make-labels`")
+    out_dir: str = _setting(position=2, metavar="out", help="run directory: checkpoints/, metrics.jsonl, "
+                            "adapter.safetensors (an existing run there is resumed)")
+    model_dir: str | None = _setting(None, position=0, metavar="model",
+                                     help="Hugging Face model directory (the frozen base model)")
+    steps: int = _setting(1000, role=STEP, help="optimizer steps")
+    batch_size: int = _setting(4, role=RUN)
+    learning_rate: float = _setting(5e-4, role=STEP, flag="--lr", help="peak learning rate")
+    warmup_steps: int = _setting(50, role=STEP)
+    end_lr_ratio: float = _setting(0.1, role=STEP, help="final lr / peak lr of the cosine")
+    weight_decay: float = _setting(0.0, role=STEP)
+    clip_norm: float = _setting(1.0, role=STEP, help="global gradient-norm clip")
+    n_lookahead: int = _setting(32, role=RUN)
+    rank: int = _setting(8, role=RUN)
+    alpha: float = _setting(32.0, role=RUN)
+    targets: tuple[str, ...] = _setting(PROJECTIONS, role=RUN, help="LoRA projections, comma separated")
+    buckets: tuple[int, ...] = _setting(DEFAULT_BUCKETS, role=RUN, help="prompt length buckets")
+    seed: int = _setting(0, role=RUN)
+    labels: str = _setting("dataset", role=STEP, choices=LABEL_SOURCES,
+                           help="read stored labels, or recompute them from the stored responses in each step")
+    checkpoint_every: int = _setting(100)
+    keep_checkpoints: int = _setting(3)
+    log_every: int = _setting(10)
+    recall_budgets: tuple[int, ...] = _setting((64, 128, 256), role=STEP)
+    dtype: str = _setting("bfloat16", help="base model activation dtype")
+    # a run checkpointed on one mesh resumes on another
+    mesh: tuple[int, int, int] | None = _setting(
+        None, parse=_ints, metavar="DATA,FSDP,TENSOR",
+        help="run the step over a device mesh of these axis sizes (e.g. 4,2,1 on 8 chips; the batch size must be "
+             "divisible by DATA); default: one device")
 
     def __post_init__(self):
         if self.labels not in LABEL_SOURCES:
@@ -82,6 +110,11 @@ class TrainConfig:
         check_buckets(self.buckets)
         if self.mesh is not None and (len(self.mesh) != 3 or any(int(n) < 1 for n in self.mesh)):
             raise ValueError(f"mesh must be three positive sizes (data, fsdp, tensor), got {self.mesh}")
+
+
+def _fields(*roles: str) -> tuple[str, ...]:
+    """The names of TrainConfig's fields of these roles."""
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("role") in roles)
 
 
 def make_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -128,25 +161,38 @@ def train_step(graphdef, base_params, adapter, opt_state, batch, *, optimizer, c
     return adapter, opt_state, metrics
 
 
-def jit_train_step(graphdef, optimizer, *, label_source: str = "dataset", recall_budgets=(64, 128, 256)):
-    """`step(base_params, adapter, opt_state, batch, chunk)` compiled per prompt bucket (chunk static)."""
-    def step(base_params, adapter, opt_state, batch, chunk):
-        return train_step(graphdef, base_params, adapter, opt_state, batch, optimizer=optimizer, chunk=chunk,
-                          label_source=label_source, recall_budgets=tuple(recall_budgets))
-    return jax.jit(step, static_argnames=("chunk",))
+def opt_state_specs(optimizer: optax.GradientTransformation, opt_state, adapter):
+    """Specs for the optimizer state: parameter-shaped parts follow the adapter, the rest replicated."""
+    return optax.tree_map_params(optimizer, lambda _, spec: spec, opt_state, adapter_specs(adapter),
+                                 transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
 
 
-@functools.lru_cache(maxsize=8)
-def _step_for(graphdef, cfg: TrainConfig):
-    # one compiled step per (model structure, optimisation settings): resuming in the same process
-    # (tests, notebooks) reuses the compilation
-    return jit_train_step(graphdef, make_optimizer(cfg), label_source=cfg.labels, recall_budgets=cfg.recall_budgets)
+def jitted_train_step(graphdef, base_params, mesh: Mesh, optimizer: optax.GradientTransformation, adapter,
+                      opt_state, batch: dict, *, chunk: int, label_source: str = "dataset",
+                      recall_budgets=(64, 128, 256), optimizer_key=None):
+    """`train_step` jitted over `mesh` (built once per model structure, mesh, optimizer, pytree structures
+    and chunk; cached): call it as `fn(base_params, adapter, opt_state, batch)`. The base (`nnx.split`'s
+    state) per its declared axes (FSDP + tensor), the adapter per `adapter_specs`, the optimizer state like
+    the adapter, the batch over data, the metrics replicated. `optimizer_key` identifies the optimizer in
+    the cache (default: the optimizer object itself)."""
+    recall_budgets = tuple(recall_budgets)
 
+    def build():
+        def step(base_params, adapter, opt_state, batch):
+            return train_step(graphdef, base_params, adapter, opt_state, batch, optimizer=optimizer, chunk=chunk,
+                              label_source=label_source, recall_budgets=recall_budgets)
 
-def _optimisation_key(cfg: TrainConfig) -> TrainConfig:
-    """cfg with the fields that do not change the step's computation blanked (the cache key)."""
-    return dataclasses.replace(cfg, data_dir="", out_dir="", model_dir=None, checkpoint_every=1, keep_checkpoints=1,
-                               log_every=1, seed=0, buckets=(8,), mesh=None)
+        a_sh = named(mesh, adapter_specs(adapter))
+        o_sh = named(mesh, opt_state_specs(optimizer, opt_state, adapter))
+        b_sh = {k: batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+        return jax.jit(step, in_shardings=(param_shardings(mesh, base_params), a_sh, o_sh, b_sh),
+                       out_shardings=(a_sh, o_sh, NamedSharding(mesh, P())))
+
+    structure = (jax.tree.structure(adapter), jax.tree.structure(opt_state),
+                 tuple(sorted((k, np.ndim(v)) for k, v in batch.items())))
+    key = ("train_step", graphdef, mesh, optimizer if optimizer_key is None else optimizer_key, chunk,
+           label_source, recall_budgets, structure)
+    return entry_point(key, build)
 
 
 def _trim_metrics(path: Path, last_step: int) -> None:
@@ -191,8 +237,7 @@ def diverged_message(step: int, m: dict, bucket: int, last_good: int | None, ckp
 
 
 # settings a resumed run must share with the checkpointed one (else it is not the same run)
-RUN_DEFINING = ("steps", "batch_size", "learning_rate", "warmup_steps", "end_lr_ratio", "weight_decay", "clip_norm",
-                "n_lookahead", "rank", "alpha", "targets", "buckets", "seed", "labels", "recall_budgets")
+RUN_DEFINING = _fields(RUN, STEP)
 
 
 def check_resumable(saved: dict, cfg: TrainConfig) -> None:
@@ -212,58 +257,38 @@ def _all_finite(tree) -> jax.Array:
 
 
 class _Placement:
-    """Where a run's arrays live and which compiled step it calls: one device (mesh None) or a
-    ("data", "fsdp", "tensor") mesh, with this process feeding its rows of every global batch."""
+    """Where a run's arrays live, a ("data", "fsdp", "tensor") mesh (one device: 1x1x1), and its compiled
+    step, with this process feeding its rows of every global batch."""
 
     def __init__(self, cfg: TrainConfig, model, optimizer):
-        from lkv_jax.sharding import check_mesh, make_mesh
-
         self.cfg, self.optimizer = cfg, optimizer
-        self.mesh = None if cfg.mesh is None else make_mesh(tuple(int(n) for n in cfg.mesh))
-        if self.mesh is not None:
-            check_mesh(self.mesh, model.config, batch=cfg.batch_size)
+        self.mesh = entry_mesh(model, None if cfg.mesh is None else make_mesh(cfg.mesh), batch=cfg.batch_size)
         n_proc = jax.process_count()
-        if n_proc > 1 and (self.mesh is None or self.mesh.devices.size != jax.device_count()):
+        if n_proc > 1 and self.mesh.devices.size != jax.device_count():
             # without one mesh over every device the processes would train separate adapters
             raise ValueError(f"training on {n_proc} processes needs a mesh (TrainConfig.mesh / --mesh) over all "
                              f"{jax.device_count()} devices, got {cfg.mesh}")
         if cfg.batch_size % n_proc:
             raise ValueError(f"batch_size {cfg.batch_size} does not split over {n_proc} processes")
         self.graphdef, state = nnx.split(model)
-        self.base = state
-        self._steps: dict[int, object] = {}  # mesh: one jitted step per prompt bucket
-        if self.mesh is None:
-            self._single = _step_for(self.graphdef, _optimisation_key(cfg))  # compiles per bucket itself
-        else:
-            from lkv_jax.sharding import named, param_specs
-
-            self.base = jax.device_put(nnx.to_pure_dict(state), named(self.mesh, param_specs(model)))
+        self.base = jax.device_put(state, param_shardings(self.mesh, state))
+        # the optimizer is rebuilt per run: its settings identify it in the compile cache, so a resumed run in
+        # the same process (tests, notebooks) reuses the compilation
+        self.optimizer_key = json.dumps({name: getattr(cfg, name) for name in _fields(STEP)})
 
     def place(self, adapter, opt_state):
         """The fresh adapter and optimizer state, sharded over the mesh (templates for a restore too)."""
-        if self.mesh is None:
-            return adapter, opt_state
-        from lkv_jax.distributed import opt_state_specs
-        from lkv_jax.sharding import adapter_specs, named
-
         o_specs = opt_state_specs(self.optimizer, opt_state, adapter)
         return (jax.device_put(adapter, named(self.mesh, adapter_specs(adapter))),
                 jax.device_put(opt_state, named(self.mesh, o_specs)))
 
     def step(self, adapter, opt_state, local_batch: dict):
         """One compiled step on this process's rows of the batch (all rows on one process)."""
-        T = local_batch["prompt_ids"].shape[1]
-        chunk = prefill_chunk(T)
-        if self.mesh is None:
-            return self._single(self.base, adapter, opt_state, local_batch, chunk)
-        from lkv_jax.distributed import global_batch, train_step_on_mesh
-
         batch = global_batch(local_batch, self.mesh)
-        if T not in self._steps:
-            self._steps[T] = train_step_on_mesh(self.graphdef, self.optimizer, self.mesh, self.base, adapter,
-                                                opt_state, batch, chunk=chunk, label_source=self.cfg.labels,
-                                                recall_budgets=self.cfg.recall_budgets)
-        return self._steps[T](self.base, adapter, opt_state, batch)
+        fn = jitted_train_step(self.graphdef, self.base, self.mesh, self.optimizer, adapter, opt_state, batch,
+                               chunk=prefill_chunk(local_batch["prompt_ids"].shape[1]), label_source=self.cfg.labels,
+                               recall_budgets=self.cfg.recall_budgets, optimizer_key=self.optimizer_key)
+        return fn(self.base, adapter, opt_state, batch)
 
 
 def train(cfg: TrainConfig, *, model=None, progress: bool = True, stop_after: int | None = None,
@@ -278,14 +303,13 @@ def train(cfg: TrainConfig, *, model=None, progress: bool = True, stop_after: in
     move an existing run to out_dir/previous-runs/<n>/ and start over (e.g. with a lower learning rate).
     Raises TrainingDivergedError on a non-finite loss or gradient, before it reaches a checkpoint.
 
-    With `cfg.mesh` the step runs over a device mesh (`lkv_jax.distributed.train_step_on_mesh`); when
+    With `cfg.mesh` the step runs over that device mesh (`jitted_train_step`), else on one device; when
     launched as several processes (`lkv_jax.distributed.maybe_initialize_distributed`) each reads its
     own rows of every batch, all write their shards of the checkpoints, and process 0 alone writes the
     metrics and the adapter file. The returned adapter is then sharded like the checkpoint.
     """
     from tqdm import tqdm
 
-    from lkv_jax.distributed import fetch_to_host
     from lkv_jax.lookahead.checkpointing import TrainCheckpointer
     from lkv_jax.lookahead.label_store import LabelDataset
 

@@ -7,6 +7,10 @@ the glimpse, single-token decoding and the dense differentiable path (see `lkv_j
 Weights are stored `[in, out]` (the transpose of torch's `nn.Linear`), with RoPE in the HF half-split
 layout, so Hugging Face conversion is a transpose and nothing else.
 
+Each parameter declares its logical axes beside it (NNX `out_sharding` metadata, e.g. ("embed",
+"heads") for the query kernel); `lkv_jax.sharding` maps logical axes to mesh axes. The projections of a
+layer, their logical axes and hence their shapes are listed once, in `PROJECTION_AXES`.
+
 LoRA hook: every projection accepts an optional `(a [in, R], b [R, out])` pair, a scale and a boolean
 mask `[B, T]`; the delta `scale * x @ a @ b` is added only where the mask is True, so masked-off
 positions compute exactly the base model's values (used by the lookahead adapter).
@@ -23,7 +27,14 @@ from flax import nnx
 from lkv_jax.config import ModelConfig
 from lkv_jax.models.rope import apply_rope, inverse_frequencies
 
-PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+# every projection of a layer: (logical input axis, logical output axis) of its [in, out] kernel
+PROJECTION_AXES = {
+    "q": ("embed", "heads"), "k": ("embed", "kv_heads"), "v": ("embed", "kv_heads"), "o": ("heads", "embed"),
+    "gate": ("embed", "mlp"), "up": ("embed", "mlp"), "down": ("mlp", "embed"),
+}
+ATTENTION_PROJECTIONS = ("q", "k", "v", "o")
+MLP_PROJECTIONS = ("gate", "up", "down")
+PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 LoraLayer = Mapping[str, Mapping[str, jax.Array]]  # projection -> {"a": [in, R], "b": [R, out]}
 Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -45,14 +56,34 @@ class LoraContext:
 NO_LORA = LoraContext(None, 0.0, None)
 
 
+def axis_sizes(cfg: ModelConfig) -> dict[str, int]:
+    """The size of each logical axis of the projections' kernels."""
+    return {"embed": cfg.hidden_size, "heads": cfg.num_attention_heads * cfg.head_dim,
+            "kv_heads": cfg.num_key_value_heads * cfg.head_dim, "mlp": cfg.intermediate_size}
+
+
+def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) of every projection of one layer, in the [in, out] weight layout."""
+    sizes = axis_sizes(cfg)
+    return {name: (sizes[a], sizes[b]) for name, (a, b) in PROJECTION_AXES.items()}
+
+
+def _param(value: jax.Array, axes: tuple[str | None, ...] | None = None) -> nnx.Param:
+    """A parameter with its logical axes as metadata (None: replicated). The axes only declare the
+    layout: nothing is sharded when the parameter is created."""
+    if axes is None:
+        return nnx.Param(value)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
 def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
     return (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
 
 
 class Linear(nnx.Module):
-    def __init__(self, din: int, dout: int, *, bias: bool, dtype, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(_init(rngs, (din, dout), dtype))
-        self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if bias else None
+    def __init__(self, axes: tuple[str, str], sizes: dict[str, int], *, bias: bool, dtype, rngs: nnx.Rngs):
+        self.kernel = _param(_init(rngs, (sizes[axes[0]], sizes[axes[1]]), dtype), axes)
+        self.bias = _param(jnp.zeros((sizes[axes[1]],), dtype), axes[1:]) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = x @ self.kernel[...]
@@ -75,20 +106,18 @@ class RMSNorm(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
-        D, N, K, H, F = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                         cfg.head_dim, cfg.intermediate_size)
+        D, H = cfg.hidden_size, cfg.head_dim
+        sizes = axis_sizes(cfg)
+        bias = {"q": cfg.qkv_bias, "k": cfg.qkv_bias, "v": cfg.qkv_bias, "o": cfg.o_bias}
+        proj = lambda name: Linear(PROJECTION_AXES[name], sizes, bias=bias.get(name, cfg.mlp_bias), dtype=dtype,
+                                   rngs=rngs)
         self.input_norm = RMSNorm(D, cfg.rms_norm_eps, dtype)
-        self.q = Linear(D, N * H, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.k = Linear(D, K * H, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.v = Linear(D, K * H, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.o = Linear(N * H, D, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+        self.q, self.k, self.v, self.o = (proj(name) for name in ATTENTION_PROJECTIONS)
         self.q_norm = RMSNorm(H, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(H, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.post_norm = RMSNorm(D, cfg.rms_norm_eps, dtype)
-        self.gate = Linear(D, F, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
-        self.up = Linear(D, F, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
-        self.down = Linear(F, D, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
-        self.n_heads, self.n_kv_heads, self.head_dim = N, K, H
+        self.gate, self.up, self.down = (proj(name) for name in MLP_PROJECTIONS)
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, H
 
     def qkv(self, x: jax.Array, positions: jax.Array, inv_freq, lora: LoraContext = NO_LORA):
         """x [B, T, D] -> q [B, T, N, H], k, v [B, T, K, H] (RoPE applied to q and k)."""
@@ -130,12 +159,12 @@ class Transformer(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = config
-        self.embed = nnx.Param(_init(rngs, (config.vocab_size, config.hidden_size), dtype))
+        self.embed = _param(_init(rngs, (config.vocab_size, config.hidden_size), dtype), ("vocab", "embed"))
         self.layers = nnx.List([DecoderLayer(config, dtype=dtype, rngs=rngs)
                                 for _ in range(config.num_hidden_layers)])
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.lm_head = (None if config.tie_word_embeddings else
-                        nnx.Param(_init(rngs, (config.hidden_size, config.vocab_size), dtype)))
+                        _param(_init(rngs, (config.hidden_size, config.vocab_size), dtype), ("embed", "vocab")))
 
     @property
     def dtype(self):
