@@ -73,8 +73,10 @@ def main(argv=None) -> int:
     from lkv_jax.evaluation.report import write_report
     from lkv_jax.evaluation.runner import EvalConfig, PressSpec, run_eval
     from lkv_jax.evaluation.tasks import synthetic_task
+    from lkv_jax.lookahead.data_pipeline import PREFILL_CHUNK
     from lkv_jax.lookahead.label_store import make_label_dataset
     from lkv_jax.lookahead.training import TrainConfig, train
+    from lkv_jax.padding import round_up
     from lkv_jax.tiny_target import ASSET_DIR
 
     size = SIZES["quick" if args.quick else "default"]
@@ -91,7 +93,7 @@ def main(argv=None) -> int:
     print(f"[demo] labels: {len(prompts)} prompts -> {labels}  ({time.perf_counter() - t0:.0f}s)", flush=True)
 
     longest = max(len(p) for p in prompts)
-    bucket = -(-longest // 512) * 512  # training buckets above 512 are whole prefill chunks
+    bucket = round_up(longest, PREFILL_CHUNK)  # training buckets above 512 are whole prefill chunks
     cfg = TrainConfig(data_dir=str(labels), out_dir=str(out / "adapter"), steps=size.steps, batch_size=4,
                       learning_rate=2e-3, warmup_steps=max(1, size.steps // 10), n_lookahead=size.n_lookahead,
                       buckets=(bucket,), checkpoint_every=max(1, size.steps // 3), log_every=5, dtype="float32")

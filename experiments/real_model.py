@@ -82,8 +82,10 @@ def convert(out: Path) -> Path:
 def train_adapter(model, encoder, out: Path, plan: Plan, t0: float) -> Path:
     """Prompts -> labels -> adapter; returns the adapter file."""
     from lkv_jax.data.prompt_mix import training_prompts
+    from lkv_jax.lookahead.data_pipeline import PREFILL_CHUNK
     from lkv_jax.lookahead.label_store import make_label_dataset
     from lkv_jax.lookahead.training import TrainConfig, train
+    from lkv_jax.padding import round_up
 
     prompts_file = out / "prompts.jsonl"
     if not prompts_file.is_file():
@@ -97,7 +99,7 @@ def train_adapter(model, encoder, out: Path, plan: Plan, t0: float) -> Path:
                                 eos_token_id=encoder.eos_id)
     log(f"labels: {labels}", t0)
     longest = max(len(p) for p in prompts)
-    buckets = tuple(b for b in (512, 1024, 1536, 2048, 3072, 4096) if b < longest) + (-(-longest // 512) * 512,)
+    buckets = tuple(b for b in (512, 1024, 1536, 2048, 3072, 4096) if b < longest) + (round_up(longest, PREFILL_CHUNK),)
     cfg = TrainConfig(data_dir=str(labels), out_dir=str(out / "adapter"), steps=plan.steps,
                       batch_size=plan.batch_size, learning_rate=plan.learning_rate,
                       warmup_steps=max(1, plan.steps // 10), n_lookahead=32, rank=8, alpha=32.0, buckets=buckets,

@@ -30,12 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of every error")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        try:
-            module = _load(name)
-        except ModuleNotFoundError as e:
-            if e.name != f"lkv_jax.commands.{COMMANDS[name]}":
-                raise
-            continue  # subcommand not built yet
+        module = _load(name)
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
         # also after the subcommand; SUPPRESS keeps `lkv --debug X` from being reset to False

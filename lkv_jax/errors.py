@@ -2,8 +2,8 @@
 
 Every error here describes a bad input, file or setting in one line; the CLI prints it as
 `lkv <command>: error: <message>` and exits with status 2. Anything else that escapes is a bug and
-shows its traceback. `LkvError` derives from `ValueError` so that callers written against the earlier
-plain ValueErrors keep working.
+shows its traceback. `LkvError` derives from `ValueError`, the usual type of a bad argument, so that a
+caller catching ValueError catches these too.
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ class DataError(LkvError):
 
 class InputError(LkvError):
     """An argument outside what the model or the command accepts (token ids, sizes, lengths)."""
+
+
+class BudgetError(InputError):
+    """A budget a press cannot honour: it keeps no entry, or fewer than the entries the press always
+    keeps (window, sinks). The evaluation grid skips such a cell and goes on."""
 
 
 class SequenceTooLongError(InputError):

@@ -2,8 +2,8 @@
 
 A command that writes a directory (`lkv train`, `lkv make-labels`, `lkv eval`) claims it: the directory
 must be new, empty, unrelated, or that command's own (resumable) output, and it then gets a marker file
-naming the command. A directory that holds a model, or another command's output, is refused: training
-into the model's directory used to write its config.json over the model's. `lkv convert` writes a model
+naming the command. A directory that holds a model, or another command's output, is refused: a run's
+config.json would overwrite the model's, its files mix with another run's. `lkv convert` writes a model
 and refuses any non-empty destination unless told to overwrite it (then its writers remove the old
 weights before writing, so that a stale shard index cannot shadow the new weights).
 
@@ -48,8 +48,8 @@ def holds_model(directory) -> bool:
     return any(any(d.glob(pattern)) for pattern in MODEL_WEIGHT_GLOBS)
 
 
-def _legacy_owner(d: Path) -> str | None:
-    """The command whose output `d` is, recognised by its files (outputs written before the marker)."""
+def _owner_by_files(d: Path) -> str | None:
+    """The command whose output `d` is, recognised by its files (a directory without the marker)."""
     if (d / "checkpoints").is_dir() or {"data_dir", "out_dir"} <= set(_json_object(d / "config.json")):
         return "train"
     if (d / "samples").is_dir() or {"n_samples", "label_dtype"} <= set(_json_object(d / "meta.json")):
@@ -63,7 +63,7 @@ def owner(directory) -> str | None:
     """The command that wrote `directory` (its marker, else recognised by its files), or None."""
     d = Path(directory)
     command = _json_object(d / MARKER).get("command")
-    return command if isinstance(command, str) else _legacy_owner(d)
+    return command if isinstance(command, str) else _owner_by_files(d)
 
 
 def claim_output_dir(directory, command: str, subdirs: tuple[str, ...] = ()) -> Path:

@@ -17,6 +17,7 @@ from lkv_jax.data.metrics import METRICS
 from lkv_jax.data.synthetic import TASKS, encode_builtin, generate_samples
 from lkv_jax.data.vocab import BUILTIN_DIR
 from lkv_jax.models.transformer import Transformer
+from lkv_jax.padding import pad_left, trim_at_eos
 
 ASSET_DIR = BUILTIN_DIR  # the shipped model; its tokenizer.json is the built-in vocabulary
 # the shipped model's curriculum, length:steps:lr:batch[:symbols[:copy[:haystack[:distinct]]]][:name=value]
@@ -38,17 +39,6 @@ DEFAULT_CURRICULUM = (
 EVAL_TASKS = tuple(TASKS)
 
 
-def left_pad(rows: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Ragged int rows -> (ids int32 [B, T], attention_mask int32 [B, T]) padded on the left."""
-    T = max(len(r) for r in rows)
-    ids = np.full((len(rows), T), pad_id, np.int32)
-    mask = np.zeros((len(rows), T), np.int32)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):] = r
-        mask[i, T - len(r):] = 1
-    return ids, mask
-
-
 def predict(model: Transformer, vocab, samples, *, press=None, batch_size: int = 8) -> list[str]:
     """Greedy answers (text, up to EOS) to query-aware built-in-vocab prompts, with a full cache
     (press=None) or a compressed one."""
@@ -57,14 +47,12 @@ def predict(model: Transformer, vocab, samples, *, press=None, batch_size: int =
     out = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
-        ids, mask = left_pad([encode_builtin(s, vocab).prompt for s in chunk], vocab.pad_id)
+        ids, mask = pad_left([encode_builtin(s, vocab).prompt for s in chunk], pad=vocab.pad_id)
         n_new = max(s.max_new_tokens for s in chunk)
         tokens = generate(model, ids, n_new, press, attention_mask=mask, eos_token_id=vocab.eos_id,
                           pad_token_id=vocab.pad_id)
         for row in tokens:
-            row = list(row)
-            if vocab.eos_id in row:
-                row = row[:row.index(vocab.eos_id)]
+            row = trim_at_eos(row, (vocab.eos_id,), keep_eos=False)
             # ids past the vocabulary (the embedding table is padded) are no words: dropped, as the evaluator does
             out.append(vocab.decode([i for i in row if i < len(vocab)]))
     return out

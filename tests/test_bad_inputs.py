@@ -189,9 +189,9 @@ def test_outputs_are_created_inside_the_output_directory(world, capsys):
     # an output subdirectory that links elsewhere is refused
     labels = world.root / "linked_labels"
     labels.mkdir()
-    (labels / "samples").symlink_to(world.root)
+    (labels / "shards").symlink_to(world.root)
     refused(capsys, world, "make-labels", world.model_dir, world.prompts_file, labels, "--dtype", "float32",
-            words=("samples is a symlink",))
+            words=("shards is a symlink",))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -301,21 +301,21 @@ def test_a_jsonl_line_that_is_not_an_object_is_one_line(world, capsys):
     refused(capsys, world, "make-labels", world.model_dir, bad, world.root / "labels_never", words=(":2:", "object"))
 
 
-def test_a_corrupt_sample_is_made_again_by_make_labels_and_named_by_train(world, capsys):
+def test_a_corrupt_shard_is_made_again_by_make_labels_and_named_by_train(world, capsys):
     out = world.root / "labels_cli"
-    args = ("make-labels", world.model_dir, world.prompts_file, out, "--max-new-tokens", "6", "--batch-size", "16",
-            "--dtype", "float32", "--no-progress")
+    args = ("make-labels", world.model_dir, world.prompts_file, out, "--max-new-tokens", "6", "--batch-size", "8",
+            "--shard-size", "8", "--dtype", "float32", "--no-progress")
     assert run(capsys, *args)[0] == 0
-    sample = out / "samples" / "00000003.npz"
-    good = sample.read_bytes()
-    _truncate(sample)
+    shard = out / "shards" / "00001.array_record"
+    good = shard.read_bytes()
+    _truncate(shard)
     code, _, err = run(capsys, *args)
     assert code == 0 and err.strip().splitlines() == [
-        "lkv make-labels: 1 unreadable sample file(s) are made again: 00000003.npz"]
-    assert sample.read_bytes() == good  # made again, identical
-    _garbage(sample)
+        "lkv make-labels: 1 unreadable shard file(s) are made again: 00001.array_record"]
+    assert shard.read_bytes() == good  # made again, identical
+    _garbage(shard)
     refused(capsys, world, "train", world.model_dir, out, world.root / "train_never", *TRAIN,
-            words=("00000003.npz is unreadable", "make-labels"))
+            words=("00001.array_record is unreadable", "make-labels"))
 
 
 def test_divergence_is_one_line_and_restart_continues_with_a_new_rate(world, capsys):

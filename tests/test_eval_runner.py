@@ -220,6 +220,20 @@ def test_config_and_press_spec_errors():
         EvalConfig(presses=(spec, spec), budgets=(8,))
     with pytest.raises(ValueError, match="adapter"):
         PressSpec.parse("lookaheadkv").build(runner_mod.Setting("budget", 8))
+    # the grid skips a cell by the error's type: a budget below the entries a press always keeps
+    from lkv_jax.errors import BudgetError
+
+    budget = runner_mod.Setting("budget", 8)
+    with pytest.raises(BudgetError, match="press streamingllm:n_sink=20 at budget=8"):
+        PressSpec.parse("streamingllm:n_sink=20").build(budget)
+    notes = []
+    bar = type("Bar", (), {"write": lambda self, text: notes.append(text)})()
+    assert not runner_mod._buildable(PressSpec.parse("streamingllm:n_sink=20"), budget, None, bar)
+    assert len(notes) == 1 and notes[0].startswith("lkv eval: skipping press streamingllm:n_sink=20")
+    for other in ("snapkv:window_size=0", "lookaheadkv", "nosuchpress"):  # any other error stops the run
+        with pytest.raises(ValueError):
+            runner_mod._buildable(PressSpec.parse(other), budget, None, bar)
+    assert len(notes) == 1
     # LookaheadKV cells are keyed on the adapter's weights too (retraining recomputes them)
     import jax
 

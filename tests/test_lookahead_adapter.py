@@ -303,12 +303,34 @@ def test_labels_match_transformers_attention(tiny):
         np.testing.assert_allclose(lab, hf_labels(hf, p, r), rtol=2e-4, atol=1e-6)
 
 
-def test_label_dataset_resumable_and_matches_generate(tiny, tmp_path):
+def test_label_dataset_resumable_and_matches_generate(tiny, tmp_path, monkeypatch):
+    from lkv_jax.lookahead import label_store
+
     hf, model = tiny
     rs = np.random.RandomState(6)
     prompts = [list(rs.randint(3, 128, n)) for n in (12, 30, 7, 18, 25)]
     out = tmp_path / "labels"
-    make_label_dataset(model, prompts, out, max_new_tokens=6, batch_size=2, progress=False)
+    make = dict(max_new_tokens=6, batch_size=2, shard_size=2, progress=False)
+    # killed while writing its second shard (of three): the first is whole, the second never appears
+    real_encode, records = label_store.encode_sample, []
+
+    def dying(*args):
+        records.append(1)
+        if len(records) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_encode(*args)
+
+    monkeypatch.setattr(label_store, "encode_sample", dying)
+    with pytest.raises(KeyboardInterrupt):
+        make_label_dataset(model, prompts, out, **make)
+    monkeypatch.setattr(label_store, "encode_sample", real_encode)
+    assert [p.name for p in (out / "shards").iterdir()] == ["00000.array_record"]
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        LabelDataset(out)
+    first = out / "shards" / "00000.array_record"
+    before = first.stat().st_mtime_ns
+    make_label_dataset(model, prompts, out, **make)  # resumed after the last whole shard
+    assert first.stat().st_mtime_ns == before
     ds = LabelDataset(out)
     assert len(ds) == 5 and list(ds.prompt_lengths) == [12, 30, 7, 18, 25]
     import torch
@@ -321,54 +343,56 @@ def test_label_dataset_resumable_and_matches_generate(tiny, tmp_path):
         want = g[: g.index(2) + 1] if 2 in g else g
         assert s["response_ids"].tolist() == want
         np.testing.assert_allclose(s["labels"], hf_labels(hf, prompts[i], want), rtol=2e-4, atol=1e-6)
-    # interrupted run: a missing sample is redone, finished ones are not touched
-    before = (out / "samples" / "00000000.npz").stat().st_mtime_ns
+    whole = LabelDataset(make_label_dataset(model, prompts, tmp_path / "uninterrupted", **make))
+    for i in range(5):
+        assert ds[i]["response_ids"].tolist() == whole[i]["response_ids"].tolist()
+        np.testing.assert_array_equal(ds[i]["labels"], whole[i]["labels"])
+    # a missing shard is made again, the others are not touched
     saved = ds[3]
-    (out / "samples" / "00000003.npz").unlink()
-    (out / "index.json").unlink()
+    (out / "shards" / "00001.array_record").unlink()
     with pytest.raises(FileNotFoundError, match="incomplete"):
         LabelDataset(out)
-    make_label_dataset(model, prompts, out, max_new_tokens=6, batch_size=2, progress=False)
-    assert (out / "samples" / "00000000.npz").stat().st_mtime_ns == before
+    make_label_dataset(model, prompts, out, **make)
+    assert first.stat().st_mtime_ns == before
     again = LabelDataset(out)[3]
     assert again["response_ids"].tolist() == saved["response_ids"].tolist()
     np.testing.assert_allclose(again["labels"], saved["labels"], rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="other settings"):
-        make_label_dataset(model, prompts, out, max_new_tokens=9, batch_size=2, progress=False)
+        make_label_dataset(model, prompts, out, **{**make, "max_new_tokens": 9})
 
 
-def test_label_dataset_reads_one_header_at_a_time(tiny, tmp_path, monkeypatch):
-    """grain reads samples from several threads; numpy parses .npy headers with ast.literal_eval, which
-    CPython 3.11 cannot run concurrently (a training run died of it). The reader must serialise them."""
+def test_labels_of_the_npz_layout_are_refused_with_how_to_remake_them(tiny, tmp_path):
+    _, model = tiny
+    old = tmp_path / "old"
+    (old / "samples").mkdir(parents=True)
+    np.savez(old / "samples" / "00000000.npz", prompt_ids=np.arange(4))
+    (old / "meta.json").write_text(json.dumps({"n_samples": 1, "label_dtype": "float32"}))
+    (old / "index.json").write_text(json.dumps([{"prompt_len": 4, "response_len": 1}]))
+    for call in (lambda: LabelDataset(old),
+                 lambda: make_label_dataset(model, [[5, 6, 7, 8]], old, max_new_tokens=2, progress=False)):
+        with pytest.raises(ValueError, match="older lkv versions.*`lkv make-labels` into a new directory"):
+            call()
+
+
+def test_label_dataset_reads_from_many_threads(tiny, tmp_path, monkeypatch):
+    """grain reads samples from several threads. Reading parses no Python literals (CPython 3.11's AST
+    constructor is not thread-safe: numpy's .npy header parser once killed a training run that way)."""
     import ast
-    import threading
-    import time
     from concurrent.futures import ThreadPoolExecutor
 
     _, model = tiny
     rs = np.random.RandomState(7)
     prompts = [list(rs.randint(3, 128, n)) for n in (5, 9, 6, 11)]
-    make_label_dataset(model, prompts, tmp_path / "ds", max_new_tokens=3, batch_size=4, progress=False)
+    make_label_dataset(model, prompts, tmp_path / "ds", max_new_tokens=3, batch_size=4, shard_size=3,
+                       progress=False)
     ds = LabelDataset(tmp_path / "ds")
     want = [ds[i] for i in range(len(ds))]
-    inside, most, guard = [0], [0], threading.Lock()
+    parsed = []
     parse = ast.literal_eval
-
-    def slow_parse(text):  # widens the window in which two parses would overlap
-        with guard:
-            inside[0] += 1
-            most[0] = max(most[0], inside[0])
-        time.sleep(0.002)
-        try:
-            return parse(text)
-        finally:
-            with guard:
-                inside[0] -= 1
-
-    monkeypatch.setattr(ast, "literal_eval", slow_parse)
+    monkeypatch.setattr(ast, "literal_eval", lambda text: (parsed.append(text), parse(text))[1])
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda i: ds[i % len(ds)], range(24)))
-    assert most[0] == 1
+    assert parsed == []
     for i, s in enumerate(got):
         w = want[i % len(ds)]
         assert s["prompt_ids"].tolist() == w["prompt_ids"].tolist()

@@ -13,6 +13,7 @@ import json
 import shutil
 
 import chex
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +23,8 @@ from flax import nnx
 import lkv_jax
 from lkv_jax.evaluation.oracle import coverage, kept_mask
 from lkv_jax.lookahead import LabelDataset, init_adapter, load_adapter, make_label_dataset
-from lkv_jax.lookahead.data_pipeline import make_dataset, plan_epoch
+from lkv_jax.lookahead.data_pipeline import batch_plan, make_dataset
+from lkv_jax.lookahead.label_store import read_shard, shard_path, write_shard
 from lkv_jax.lookahead.loss import kl_divergence
 from lkv_jax.lookahead.training import (
     TrainConfig,
@@ -199,8 +201,7 @@ def test_kill_and_resume_equals_uninterrupted(setup):
     assert main(args[:-1] + ["--rank", "4", "--no-progress"]) == 2  # other settings: refused, nothing touched
     assert main(args) == 0
     resumed = load_adapter(setup["root"] / "cut" / "adapter.safetensors")
-    for x, y in zip(jax.tree.leaves(resumed), jax.tree.leaves(full), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    chex.assert_trees_all_close(resumed, full, rtol=0, atol=0)
     log = [json.loads(line) for line in open(setup["root"] / "cut" / "metrics.jsonl")]
     full_log = [json.loads(line) for line in open(setup["root"] / "full" / "metrics.jsonl")]
     assert [m["step"] for m in log] == [10, 20] and [m["loss"] for m in log] == [m["loss"] for m in full_log]
@@ -235,8 +236,7 @@ def test_hard_kill_between_checkpoints_resumes_exactly(setup, monkeypatch):
     ck.close()
     resumed = train(cfg, model=setup["model"], progress=False)
     full = full_run(setup)
-    for x, y in zip(jax.tree.leaves(resumed), jax.tree.leaves(full), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    chex.assert_trees_all_close(jax.device_get(resumed), full, rtol=0, atol=0)
     log = [json.loads(line) for line in open(setup["root"] / "hard" / "metrics.jsonl")]
     full_log = [json.loads(line) for line in open(setup["root"] / "full" / "metrics.jsonl")]
     assert [(m["step"], m["loss"]) for m in log] == [(m["step"], m["loss"]) for m in full_log]
@@ -245,12 +245,12 @@ def test_hard_kill_between_checkpoints_resumes_exactly(setup, monkeypatch):
 def test_nan_loss_stops_and_keeps_last_checkpoint(setup):
     root = setup["root"]
     shutil.copytree(root / "train", root / "bad")
-    plan = plan_epoch([PROMPT_LEN] * N_TRAIN, 8, (64,), seed=0, epoch=0)
-    path = root / "bad" / "samples" / f"{plan[3][1][0]:08d}.npz"  # a sample of the 4th batch
-    with np.load(path) as z:
-        s = dict(z)
-    s["labels"][0, 0, 3] = np.nan
-    np.savez(path, **s)
+    sample = batch_plan([PROMPT_LEN] * N_TRAIN, 8, (64,), seed=0)[3][1][0]  # a sample of the 4th batch
+    shard_size = LabelDataset(root / "bad").shard_size
+    path = shard_path(root / "bad", sample // shard_size)
+    samples = read_shard(path, min(shard_size, N_TRAIN - sample // shard_size * shard_size))
+    samples[sample % shard_size]["labels"][0, 0, 3] = np.nan
+    write_shard(path, samples)
     cfg = config(setup, "nan", data_dir=str(root / "bad"), steps=20, checkpoint_every=1, keep_checkpoints=2)
     with pytest.raises(TrainingDivergedError, match="loss nan") as e:
         train(cfg, model=setup["model"], progress=False)
@@ -273,15 +273,15 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(setup):
 def test_process_shards_stack_into_the_single_process_batch(setup):
     source = LabelDataset(setup["root"] / "train")
     whole = make_dataset(source, batch_size=8, buckets=(64,), seed=5, n_batches=3)
-    parts = [make_dataset(source, batch_size=8, buckets=(64,), seed=5, n_batches=3, process_index=i, process_count=4)
-             for i in range(4)]
+    parts = [make_dataset(source, batch_size=8, buckets=(64,), seed=5, n_batches=3,
+                          shard_options=grain.sharding.ShardOptions(i, 4)) for i in range(4)]
     for b in range(3):
         for k, v in whole[b].items():
             got = np.concatenate([p[b][k] for p in parts])
             np.testing.assert_array_equal(got, v)
         assert parts[0][b]["prompt_ids"].shape[0] == 2
     with pytest.raises(ValueError, match="does not split over 3 processes"):
-        make_dataset(source, batch_size=8, buckets=(64,), n_batches=1, process_count=3)
+        make_dataset(source, batch_size=8, buckets=(64,), n_batches=1, shard_options=grain.sharding.ShardOptions(0, 3))
 
 
 def _assert_close_adapters(a, b, atol):

@@ -16,7 +16,7 @@ from lkv_jax.evaluation import EvalConfig, EvalSample, EvalTask, PressSpec, run_
 from lkv_jax.evaluation.oracle import coverage, evidence_recall, kept_mask, response_labels, slots_to_positions
 from lkv_jax.evaluation.runner import cell_path
 from lkv_jax.inference import prepare_prompt
-from lkv_jax.lookahead.labels import pad_left, pad_right
+from lkv_jax.padding import pad_left, pad_right
 
 
 def test_coverage_by_hand():

@@ -90,6 +90,7 @@ def run(args) -> int:
     from lkv_jax.checkpoint.orbax_io import load
     from lkv_jax.commands.checks import check_token_ids, require_positive
     from lkv_jax.generation import generate
+    from lkv_jax.padding import trim_at_eos
 
     model_dir = Path(args.model)
     tok_file = model_dir / "tokenizer.json"
@@ -112,13 +113,7 @@ def run(args) -> int:
     press = build_press(args, model)
     tokens = generate(model, np.asarray([ids], np.int32), args.max_new_tokens, press=press,
                       chunk_size=args.chunk_size)[0]
-    # drop the padding after an EOS (generate fills finished rows with the pad id)
-    eos = set(model.config.eos_token_id)
-    out = []
-    for t in tokens.tolist():
-        out.append(t)
-        if t in eos:
-            break
+    out = trim_at_eos(tokens, model.config.eos_token_id)
     text = tokenizer.decode(out, skip_special_tokens=True) if tokenizer is not None else None
     if args.json:
         print(json.dumps({"prompt_ids": ids, "tokens": out, "text": text, "press": args.press,

@@ -18,6 +18,8 @@ def add_arguments(p) -> None:
     p.add_argument("--label-dtype", choices=("float32", "float16"), default="float32",
                    help="storage dtype of the labels (float16 halves the size)")
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk (default 512)")
+    p.add_argument("--shard-size", type=int, default=64,
+                   help="samples per shard file; a killed run resumes after its last whole shard (default 64)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -28,7 +30,8 @@ def run(args) -> int:
     from lkv_jax.commands.checks import require_positive
     from lkv_jax.lookahead.label_store import make_label_dataset, read_prompts
 
-    require_positive(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, chunk_size=args.chunk_size)
+    require_positive(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, chunk_size=args.chunk_size,
+                     shard_size=args.shard_size)
     tok = args.tokenizer
     if tok is None and (Path(args.model) / "tokenizer.json").is_file():
         tok = Path(args.model) / "tokenizer.json"
@@ -36,6 +39,6 @@ def run(args) -> int:
     model = load_hf(args.model, dtype=args.dtype)
     out = make_label_dataset(model, prompts, args.out, max_new_tokens=args.max_new_tokens,
                              batch_size=args.batch_size, label_dtype=args.label_dtype, chunk_size=args.chunk_size,
-                             progress=not args.no_progress)
+                             shard_size=args.shard_size, progress=not args.no_progress)
     print(f"wrote {len(prompts)} samples to {out}")
     return 0

@@ -24,8 +24,6 @@ import ast
 import dataclasses
 import hashlib
 import json
-import math
-import os
 import re
 import time
 from pathlib import Path
@@ -35,11 +33,13 @@ import jax
 import numpy as np
 from flax import nnx
 
+from lkv_jax.atomic_files import atomic_write_text
 from lkv_jax.compression import compress_prompt, shared_prefix
+from lkv_jax.errors import BudgetError, LkvError
 from lkv_jax.evaluation.oracle import coverage, evidence_recall, kept_mask, response_labels, slots_to_positions
 from lkv_jax.evaluation.tasks import EvalSample, EvalTask
 from lkv_jax.inference import DEFAULT_CHUNK, Prompt, PromptPrefix, glimpse, prefill, prepare_prompt
-from lkv_jax.lookahead.labels import pad_left, pad_right
+from lkv_jax.padding import pad_left, pad_right, round_up, trim_at_eos
 from lkv_jax.presses.base import accepts_prefix
 from lkv_jax.presses.registry import make_press, press_needs
 
@@ -95,7 +95,9 @@ class PressSpec:
         try:
             return make_press(self.name, **setting.press_kwargs(), **kw)
         except (ValueError, TypeError) as e:
-            raise ValueError(f"press {self.label or self.name} at {setting.label}: {e}") from e
+            # the message names the cell; the type (BudgetError: skip the cell) is kept
+            kind = type(e) if isinstance(e, LkvError) else ValueError
+            raise kind(f"press {self.label or self.name} at {setting.label}: {e}") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,8 +209,7 @@ def adapter_fingerprint(adapter) -> str | None:
 
 
 # Part of every cell's fingerprint: bump it when a change alters what a press keeps or how the answers are
-# decoded, so that cells computed before are recomputed, not reused. 2: LookaheadKV had decoded every token
-# n_lookahead positions too far.
+# decoded, so that cells computed before are recomputed, not reused.
 RESULTS_VERSION = 2
 
 
@@ -225,9 +226,7 @@ def _read_complete(path: Path, fingerprint: dict) -> dict | None:
 
 def _write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)  # atomic: a cell file is complete or absent
+    atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")  # a cell is complete or absent
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,22 +249,7 @@ def _batches(samples: tuple[EvalSample, ...], batch_size: int, agnostic: bool) -
 def _padded(rows: list[np.ndarray], batch_size: int, multiple: int) -> tuple[np.ndarray, np.ndarray]:
     """Left-pad token rows to a multiple of `multiple` and repeat row 0 up to batch_size rows."""
     rows = rows + [rows[0]] * (batch_size - len(rows))
-    return pad_left(rows, _bucket(max(len(r) for r in rows), multiple))
-
-
-def _bucket(n: int, multiple: int) -> int:
-    return int(math.ceil(n / multiple) * multiple)
-
-
-def _trim(tokens: np.ndarray, eos: tuple[int, ...], keep_eos: bool) -> list[int]:
-    out = []
-    for t in tokens.tolist():
-        if t in eos:
-            if keep_eos:
-                out.append(int(t))
-            break
-        out.append(int(t))
-    return out
+    return pad_left(rows, round_up(max(len(r) for r in rows), multiple))
 
 
 def _block(tree) -> None:
@@ -292,8 +276,7 @@ def _batch_prefix(model, prompt: Prompt, cfg: EvalConfig, presses) -> PromptPref
     """The batch's shared prefix for `presses` (None when sharing is off or the prompt is too short)."""
     if not cfg.share_prefill or not presses:
         return None
-    tail = max([cfg.prefix_tail, *(p.window for p in presses)])
-    tail = -(-tail // 8) * 8
+    tail = round_up(max([cfg.prefix_tail, *(p.window for p in presses)]), 8)
     T = prompt.ids.shape[1]
     return shared_prefix(model, prompt, tail) if tail < T else None
 
@@ -359,7 +342,7 @@ def _run_batch(model, batch: list[EvalSample], task: EvalTask, press, cfg: EvalC
     else:
         # room to decode, rounded up so budgets of one bucket share one compiled greedy loop
         n_slots = out.cache.capacity(0)
-        cache, logits = out.cache.grow(_bucket(n_slots + room, cfg.pad_multiple) - n_slots), out.logits
+        cache, logits = out.cache.grow(round_up(n_slots + room, cfg.pad_multiple) - n_slots), out.logits
         kept_positions = [np.asarray(k) for k in out.kept_positions]
     if agnostic and Q:
         q_rows = [s.question_ids for s in batch] + [batch[0].question_ids] * (B - n_real)
@@ -369,8 +352,8 @@ def _run_batch(model, batch: list[EvalSample], task: EvalTask, press, cfg: EvalC
 
     records = []
     for i, s in enumerate(batch):
-        generated = _trim(tokens[i], eos, keep_eos=True)
-        prediction = task.decode(_trim(tokens[i], eos, keep_eos=False))
+        generated = trim_at_eos(tokens[i], eos, keep_eos=True)
+        prediction = task.decode(trim_at_eos(tokens[i], eos, keep_eos=False))
         records.append({"id": s.id, "prediction": prediction, "answers": list(s.answers),
                         "score": float(task.score(prediction, s)), "n_prompt": len(s.prompt_ids),
                         "n_context": len(s.context_ids), "n_question": len(s.question_ids),
@@ -412,7 +395,7 @@ class OracleLabels:
         prompt = prepare_prompt(ids, mask, cfg.chunk_size, model.config.vocab_size)
         resp = [self.responses[s.id] for s in batch]
         resp = resp + [resp[0]] * (B - len(resp))
-        r_ids, r_mask = pad_right(resp, _bucket(max(len(r) for r in resp), 16))  # few shapes, few compiles
+        r_ids, r_mask = pad_right(resp, round_up(max(len(r) for r in resp), 16))  # few shapes, few compiles
         labels = slots_to_positions(response_labels(model, prompt, r_ids, r_mask), np.asarray(prompt.valid))
         for s, lab in zip(batch, labels, strict=False):
             if self.bytes + lab.nbytes <= self.max_bytes:
@@ -509,7 +492,7 @@ def _compute_cells(model, task: EvalTask, cells: list[_Cell], cfg: EvalConfig, *
         prompt = _batch_prompt(model, batch, cfg)
         prefix = _batch_prefix(model, prompt, cfg, presses) if len(presses) > 1 else None
         # a new padded shape compiles: a measured batch runs it once untimed first
-        shape = (_bucket(max(len(s.context_ids if agnostic else s.prompt_ids) for s in batch), cfg.pad_multiple),
+        shape = (round_up(max(len(s.context_ids if agnostic else s.prompt_ids) for s in batch), cfg.pad_multiple),
                  len(batch[0].question_ids) if agnostic else 0)
         for k, cell in enumerate(cells):
             if progress is not None:
@@ -572,13 +555,11 @@ def _answered_by_fullkv(task: EvalTask, full: dict, out_dir) -> tuple[EvalTask, 
 
 
 def _buildable(spec: PressSpec, setting: Setting, adapter, bar) -> bool:
-    """Whether the press exists at this setting; a cell that cannot (e.g. a window larger than the budget)
-    is skipped with a note and the grid goes on. A missing adapter or an unknown press is an error."""
+    """Whether the press exists at this setting; a cell that cannot (a budget below the entries the press
+    always keeps, `BudgetError`) is skipped with a note and the grid goes on. Any other error is raised."""
     try:
         spec.build(setting, adapter)
-    except ValueError as e:
-        if "adapter" in str(e) or "unknown press" in str(e):
-            raise
+    except BudgetError as e:
         bar.write(f"lkv eval: skipping {e}")
         return False
     return True

@@ -18,6 +18,7 @@ from flax import nnx
 from lkv_jax.cache import KVCache
 from lkv_jax.inference import DEFAULT_CHUNK, glimpse_pure, prefill_pure, prepare_prompt
 from lkv_jax.lookahead.scoring import normalise
+from lkv_jax.padding import pad_left, pad_right, trim_at_eos
 
 
 def labels_from_cache(model, cache: KVCache, prompt_valid, response_ids, response_mask):
@@ -44,29 +45,6 @@ def _labels_jit(graphdef, params, ids, valid, positions, response_ids, response_
                                 chunk=chunk)
 
 
-def pad_right(rows, length: int | None = None, pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists -> (int32 [B, R] right-padded with `pad`, bool [B, R] real-token mask)."""
-    R = max(len(r) for r in rows) if length is None else length
-    ids = np.full((len(rows), R), pad, np.int32)
-    mask = np.zeros((len(rows), R), bool)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = r
-        mask[i, : len(r)] = True
-    return ids, mask
-
-
-def pad_left(rows, length: int | None = None, pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists -> (int32 [B, T] left-padded with `pad`, bool [B, T] real-token mask)."""
-    T = max(len(r) for r in rows) if length is None else length
-    ids = np.full((len(rows), T), pad, np.int32)
-    mask = np.zeros((len(rows), T), bool)
-    for i, r in enumerate(rows):
-        if len(r):
-            ids[i, T - len(r):] = r
-            mask[i, T - len(r):] = True
-    return ids, mask
-
-
 def compute_labels(model, prompts, responses, *, chunk_size: int = DEFAULT_CHUNK, prompt_length: int | None = None,
                    response_length: int | None = None) -> list[np.ndarray]:
     """Labels for a batch: prompts and responses are lists of token-id lists (responses non-empty).
@@ -90,16 +68,6 @@ def compute_labels(model, prompts, responses, *, chunk_size: int = DEFAULT_CHUNK
     return [lab[i, :, :, Tp - len(p):] for i, p in enumerate(prompts)]
 
 
-def trim_response(tokens, eos_ids) -> list[int]:
-    """Generated tokens up to and including the first EOS (the rest is padding)."""
-    out = []
-    for t in np.asarray(tokens).tolist():
-        out.append(int(t))
-        if t in eos_ids:
-            break
-    return out
-
-
 def generate_responses(model, prompts, *, max_new_tokens: int = 512, eos_token_id=None,
                        chunk_size: int = DEFAULT_CHUNK, prompt_length: int | None = None) -> list[list[int]]:
     """The model's own greedy responses to a batch of prompts (token-id lists), EOS included if reached.
@@ -111,4 +79,4 @@ def generate_responses(model, prompts, *, max_new_tokens: int = 512, eos_token_i
         (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
     out = generate(model, ids, max_new_tokens, attention_mask=mask, eos_token_id=eos or None,
                    chunk_size=chunk_size)
-    return [trim_response(row, set(eos)) for row in out]
+    return [trim_at_eos(row, eos) for row in out]

@@ -308,6 +308,7 @@ def train(cfg: TrainConfig, *, model=None, progress: bool = True, stop_after: in
     own rows of every batch, all write their shards of the checkpoints, and process 0 alone writes the
     metrics and the adapter file. The returned adapter is then sharded like the checkpoint.
     """
+    import grain
     from tqdm import tqdm
 
     from lkv_jax.lookahead.checkpointing import TrainCheckpointer
@@ -319,8 +320,7 @@ def train(cfg: TrainConfig, *, model=None, progress: bool = True, stop_after: in
         from lkv_jax.checkpoint.hf import load_hf
 
         model = load_hf(cfg.model_dir, dtype=cfg.dtype)
-    source = LabelDataset(cfg.data_dir)
-    source.check_files()  # a damaged sample: one line naming it, before any compilation
+    source = LabelDataset(cfg.data_dir)  # a damaged shard: one line naming it, before any compilation
     meta = source.meta
     mc = model.config
     if (meta["n_layers"], meta["n_heads"]) != (mc.num_hidden_layers, mc.num_attention_heads):
@@ -347,7 +347,7 @@ def train(cfg: TrainConfig, *, model=None, progress: bool = True, stop_after: in
         print(param_summary(mc, adapter))
     dataset = make_dataset(source, batch_size=cfg.batch_size, buckets=cfg.buckets, seed=cfg.seed,
                            n_batches=cfg.steps, with_labels=cfg.labels == "dataset",
-                           process_index=jax.process_index(), process_count=jax.process_count())
+                           shard_options=grain.sharding.ShardByJaxProcess())
     it = iter(dataset)
     ckpt = TrainCheckpointer(out / "checkpoints", keep=cfg.keep_checkpoints)
     try:

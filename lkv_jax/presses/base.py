@@ -25,6 +25,7 @@ from typing import ClassVar
 
 import jax
 
+from lkv_jax.errors import BudgetError
 from lkv_jax.eviction import CompressOutput, Scored, TopPerHead, keep_count
 from lkv_jax.inference import KVHeadScores, Prompt, QueryHeadScores
 
@@ -105,10 +106,10 @@ class BasePress:
             if self.compression_ratio != 0.0:
                 raise ValueError("give either compression_ratio or budget, not both")
             if int(self.budget) + self.extra_kept < 1:
-                raise ValueError(f"budget={self.budget} keeps no entry of {type(self).__name__}; the budget "
+                raise BudgetError(f"budget={self.budget} keeps no entry of {type(self).__name__}; the budget "
                                  "counts the entries kept per layer and KV head and must be >= 1")
             if int(self.budget) + self.extra_kept < self.n_protected:
-                raise ValueError(f"budget={self.budget} is smaller than the {self.n_protected} protected "
+                raise BudgetError(f"budget={self.budget} is smaller than the {self.n_protected} protected "
                                  f"entries (window/sinks) of {type(self).__name__}; raise the budget")
 
     # -- what presses override ------------------------------------------------------------------
