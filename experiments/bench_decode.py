@@ -171,7 +171,7 @@ def hf_threads(n: int) -> None:
 
 def bench(model, hf, directory: Path, length: int, batch: int, n_new: int, budget: int, repeats: int,
           same_prompt: bool = False, torch_threads: tuple[int, ...] = ()) -> dict:
-    from lkv_jax.generation import generate_from_cache
+    from lkv_jax.decoding import generate_from_cache
 
     ids = prompt_batch(directory, length, 1 if same_prompt else batch)
     t0 = time.perf_counter()

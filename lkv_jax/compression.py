@@ -1,7 +1,7 @@
 """`lkv_jax.compress`: prefill a prompt batch, score it with a press and evict (`lkv_jax.eviction`).
 
-One jitted path, on one device or a mesh (one device is a 1x1x1 mesh): the parameters per
-`sharding.param_specs`, the batch over "data", the caches' KV heads over "tensor", the press replicated.
+One jitted path, on one device or a mesh (one device is a 1x1x1 mesh): the parameters per their
+declared axes, the batch over "data", the caches' KV heads over "tensor", the press replicated.
 
 Comparing many presses on the same batch (the evaluation grid) need not prefill it once per press:
 `shared_prefix` computes the batch's first slots once and `compress_prompt(..., prefix=)` starts every
@@ -25,13 +25,13 @@ from lkv_jax.inference import DEFAULT_CHUNK, Prompt, PromptPrefix, prepare_promp
 from lkv_jax.models.transformer import Transformer
 from lkv_jax.presses.base import BasePress, accepts_prefix
 from lkv_jax.sharding import (
-    batch_spec,
+    batch_sharding,
     cache_specs,
     check_mesh,
     entry_point,
     logical_to_spec,
     named,
-    param_specs,
+    param_shardings,
     resolve_mesh,
 )
 
@@ -72,7 +72,7 @@ def compress_prompt(model: Transformer, prompt: Prompt, press: BasePress, *, pre
     strategy = press.selection
     graphdef, params = nnx.split(model)
     args = (params, scorer, prompt.ids, prompt.valid, prompt.positions, jnp.asarray(counts, jnp.int32), prefix)
-    static = (mesh, model, graphdef, params, prompt.chunk, budgets, strategy)
+    static = (mesh, graphdef, params, prompt.chunk, budgets, strategy)
     with jax.set_mesh(mesh):  # the Pallas ops run per (batch, KV-head) shard of this mesh
         if not strategy.adaptive:
             return _entry(compress_pure, compress_out_specs, *static)(*args)
@@ -114,33 +114,15 @@ def _select_out_specs(n_layers: int):
     return scored, (kv3,) * n_layers
 
 
-def state_shardings(mesh: Mesh, model: Transformer, state):
-    """NamedShardings shaped like `nnx.split(model)`'s state, from `param_specs` (a pure-dict tree): the
-    state passes to the jitted function as is, with no per-call conversion."""
-    specs = param_specs(model)
-
-    def spec_at(path):
-        d = specs
-        for k in path:
-            if isinstance(k, jax.tree_util.DictKey):
-                d = d[k.key]
-            elif isinstance(k, jax.tree_util.SequenceKey):
-                d = d[k.idx]
-        return NamedSharding(mesh, d)
-
-    return jax.tree_util.tree_map_with_path(lambda path, _: spec_at(path), state)
-
-
-def _entry(fn, out_specs, mesh, model, graphdef, state, chunk, budgets, strategy):
+def _entry(fn, out_specs, mesh, graphdef, state, chunk, budgets, strategy):
     """`fn(graphdef, state, press, ids, valid, positions, counts, prefix)` jitted over `mesh`, outputs per
     `out_specs(n_layers)`: the press (small: LookaheadKV's adapter, SpecKV's draft tokens) replicated, the
     batch over data, a shared prefix like the cache."""
 
     def build():
-        b2 = NamedSharding(mesh, batch_spec(2))
+        b2 = batch_sharding(mesh, 2)
         prefix = NamedSharding(mesh, logical_to_spec(("batch", "kv_heads", "seq", "head_dim")))
-        in_sh = (state_shardings(mesh, model, state), NamedSharding(mesh, P()), b2, b2, b2,
-                 NamedSharding(mesh, batch_spec(1)), prefix)
+        in_sh = (param_shardings(mesh, state), NamedSharding(mesh, P()), b2, b2, b2, batch_sharding(mesh, 1), prefix)
         return jax.jit(functools.partial(fn, graphdef, chunk=chunk, budgets=budgets, strategy=strategy),
                        in_shardings=in_sh, out_shardings=named(mesh, out_specs(len(budgets))))
 

@@ -15,7 +15,7 @@ from flax import nnx
 
 import lkv_jax
 from lkv_jax.attention import cache_attention
-from lkv_jax.generation import _distinct_buffers, generate_from_cache, jitted_greedy_loop
+from lkv_jax.decoding import _distinct_buffers, generate_from_cache, jitted_greedy_loop
 from lkv_jax.presses import SnapKVPress
 from lkv_jax.sharding import resolve_mesh
 

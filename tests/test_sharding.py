@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 import lkv_jax
 from lkv_jax.config import ModelConfig
-from lkv_jax.generation import jitted_greedy_loop
+from lkv_jax.decoding import jitted_greedy_loop
 from lkv_jax.inference import jitted_prefill, prepare_prompt
 from lkv_jax.lookahead import init_adapter
 from lkv_jax.lookahead.data_pipeline import Collate
@@ -193,10 +193,10 @@ def test_prefill_and_decode_on_a_mesh_have_the_declared_shardings(model):
 
 def test_prefill_and_generate_compile_once_per_shape(model, monkeypatch):
     """The same shapes with other values reuse the compiled entry point (one trace each)."""
-    from lkv_jax import generation, inference
+    from lkv_jax import decoding, inference
 
     monkeypatch.setattr(inference, "prefill_pure", chex.assert_max_traces(inference.prefill_pure, n=2))
-    monkeypatch.setattr(generation, "greedy_loop_pure", chex.assert_max_traces(generation.greedy_loop_pure, n=1))
+    monkeypatch.setattr(decoding, "greedy_loop_pure", chex.assert_max_traces(decoding.greedy_loop_pure, n=1))
     rs = np.random.RandomState(9)
     shape = (3, 29)  # a shape no other test uses, so the first call traces
     for _ in range(2):

@@ -35,6 +35,7 @@ from flax import nnx
 
 from lkv_jax.atomic_files import atomic_write_text
 from lkv_jax.compression import compress_prompt, shared_prefix
+from lkv_jax.decoding import generate_from_cache
 from lkv_jax.errors import BudgetError, LkvError
 from lkv_jax.evaluation.oracle import coverage, evidence_recall, kept_mask, response_labels, slots_to_positions
 from lkv_jax.evaluation.tasks import EvalSample, EvalTask
@@ -291,8 +292,6 @@ def _run_batch(model, batch: list[EvalSample], task: EvalTask, press, cfg: EvalC
 
     Returns per-sample records and the batch's timings {compress_ms, prefill_ms} (ms for the whole
     padded batch; empty when not measured)."""
-    from lkv_jax.generation import generate_from_cache
-
     agnostic = cfg.mode == "question-agnostic"
     B, n_real = cfg.batch_size, len(batch)
     prompt = _batch_prompt(model, batch, cfg) if prompt is None else prompt

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from lkv_jax.cache import KVCache
+from lkv_jax.decoding import greedy_generate
 from lkv_jax.inference import DEFAULT_CHUNK, glimpse_pure, prefill_pure, prepare_prompt
 from lkv_jax.lookahead.scoring import normalise
 from lkv_jax.padding import pad_left, pad_right, trim_at_eos
@@ -72,11 +73,9 @@ def generate_responses(model, prompts, *, max_new_tokens: int = 512, eos_token_i
                        chunk_size: int = DEFAULT_CHUNK, prompt_length: int | None = None) -> list[list[int]]:
     """The model's own greedy responses to a batch of prompts (token-id lists), EOS included if reached.
     prompt_length: left-pad the batch to this length (static shapes across batches)."""
-    from lkv_jax.generation import generate
-
     ids, mask = pad_left(prompts, prompt_length)
     eos = model.config.eos_token_id if eos_token_id is None else (
         (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
-    out = generate(model, ids, max_new_tokens, attention_mask=mask, eos_token_id=eos or None,
-                   chunk_size=chunk_size)
+    out = greedy_generate(model, ids, max_new_tokens, attention_mask=mask, eos_token_id=eos or None,
+                          chunk_size=chunk_size)
     return [trim_at_eos(row, eos) for row in out]

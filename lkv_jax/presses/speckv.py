@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lkv_jax.decoding import greedy_generate
 from lkv_jax.presses.base import BasePress, Scored, register_press
 from lkv_jax.presses.window import (
     REDUCTIONS,
@@ -50,9 +51,7 @@ def check_same_vocab(draft_model, model) -> None:
 def draft_tokens(draft_model, prompt, n_tokens: int):
     """Greedy draft continuation of a prepared prompt: (ids int32 [B, n_tokens], valid bool [B, n_tokens]);
     tokens after a row's first EOS (and the padding of rows that stopped early) are invalid."""
-    from lkv_jax.generation import generate
-
-    toks = generate(draft_model, prompt.ids, n_tokens, attention_mask=prompt.valid, chunk_size=prompt.chunk)
+    toks = greedy_generate(draft_model, prompt.ids, n_tokens, attention_mask=prompt.valid, chunk_size=prompt.chunk)
     eos = np.asarray(draft_model.config.eos_token_id or (-1,))
     is_eos = np.isin(toks, eos)
     valid = (np.cumsum(is_eos, axis=1) - is_eos) == 0  # up to and including the first EOS
