@@ -86,7 +86,7 @@ def select_pure(graphdef, params, press, ids, valid, positions, counts, prefix=N
     """Prefill and score with `press` (ids/valid/positions [B, T], counts int [B] from `eviction_plan`),
     then choose per layer with the selection `strategy`: (Scored, the choice)."""
     model = nnx.merge(graphdef, params)
-    # presses written before shared prefixes existed take no `prefix` argument
+    # a press of its own may define prefill_and_score without `prefix` (see `accepts_prefix`)
     scored = (press.prefill_and_score(model, ids, valid, positions, chunk) if prefix is None
               else press.prefill_and_score(model, ids, valid, positions, chunk, prefix))
     return scored, select(scored, ids.shape[1], budgets, counts, strategy)
