@@ -27,12 +27,11 @@ from lkv_jax.presses.base import BasePress, accepts_prefix
 from lkv_jax.sharding import (
     batch_sharding,
     cache_specs,
-    check_mesh,
+    entry_mesh,
     entry_point,
     logical_to_spec,
     named,
     param_shardings,
-    resolve_mesh,
 )
 
 
@@ -43,7 +42,8 @@ def compress(model: Transformer, input_ids, press: BasePress, *, attention_mask=
     Returns a `CompressOutput`: the compressed cache (ready to decode from after `.grow(n)`),
     `kept_positions` per layer (int [B, K, n_kept], original positions, ascending), the scores and
     the last prompt token's logits. mesh: run over a ("data", "fsdp", "tensor") mesh (B divisible by
-    its data axis), the model's parameters placed on it (`sharding.shard_model`); None is one device.
+    its data axis), the model's parameters placed on it (`sharding.shard_model`); None: the mesh the
+    parameters are placed on, else one device.
     """
     prompt = prepare_prompt(input_ids, attention_mask, chunk_size, model.config.vocab_size)
     return compress_prompt(model, prompt, press, mesh=mesh)
@@ -58,8 +58,7 @@ def compress_prompt(model: Transformer, prompt: Prompt, press: BasePress, *, pre
         raise TypeError(f"press must be a lkv_jax press, got {type(press).__name__}")
     model.config.check_length(int(np.asarray(prompt.valid).sum(1).max()) + press.suffix_slots)
     B, T = prompt.ids.shape
-    mesh = resolve_mesh(mesh)
-    check_mesh(mesh, model.config, batch=B)
+    mesh = entry_mesh(model, mesh, batch=B)
     press.check_prompt(model, prompt)
     scorer = press.prepare(model, prompt)
     if prefix is not None:

@@ -15,7 +15,7 @@ from lkv_jax.cache import KVCache
 from lkv_jax.distributed import fetch_to_host
 from lkv_jax.inference import DEFAULT_CHUNK, append_pure, prefill
 from lkv_jax.models.transformer import Transformer
-from lkv_jax.sharding import batch_sharding, cache_shardings, entry_mesh, entry_point, model_mesh, param_shardings
+from lkv_jax.sharding import batch_sharding, cache_shardings, entry_mesh, entry_point, param_shardings
 
 
 def greedy_loop_pure(model: Transformer, cache: KVCache, first_logits, *, max_new_tokens: int,
@@ -80,7 +80,6 @@ def greedy_generate(model: Transformer, input_ids, max_new_tokens: int, *, atten
     """Greedy decoding of a left-padded batch from its full cache: `lkv_jax.generate` without a press.
     input_ids int [B, T]; returns the new tokens int [B, n], n <= max_new_tokens."""
     check_generation_length(model, input_ids, attention_mask, max_new_tokens)
-    mesh = model_mesh(model, mesh)
     # the first new token comes from the prompt's logits: the cache needs room for the other n - 1 only
     cache, logits = prefill(model, input_ids, attention_mask, chunk_size=chunk_size,
                             extra_capacity=max_new_tokens - 1, mesh=mesh)

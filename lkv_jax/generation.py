@@ -10,7 +10,6 @@ from lkv_jax.compression import compress
 from lkv_jax.decoding import check_generation_length, generate_from_cache, greedy_generate
 from lkv_jax.inference import DEFAULT_CHUNK, prefill
 from lkv_jax.models.transformer import Transformer
-from lkv_jax.sharding import model_mesh
 
 
 def forward(model: Transformer, input_ids, attention_mask=None, *, chunk_size: int = DEFAULT_CHUNK) -> jax.Array:
@@ -38,7 +37,6 @@ def generate(model: Transformer, input_ids, max_new_tokens: int, press=None, *, 
                                eos_token_id=eos_token_id, pad_token_id=pad_token_id, chunk_size=chunk_size,
                                mesh=mesh)
     check_generation_length(model, input_ids, attention_mask, max_new_tokens)
-    mesh = model_mesh(model, mesh)
     out = compress(model, input_ids, press, attention_mask=attention_mask, chunk_size=chunk_size, mesh=mesh)
     # the compressed cache is this call's own: grown for the n - 1 decoded tokens, decoded into in place
     return generate_from_cache(model, out.cache.grow(max_new_tokens - 1), out.logits, max_new_tokens,

@@ -96,6 +96,18 @@ def test_sharded_compress_keeps_the_same_positions(model, shape):
     np.testing.assert_allclose(np.asarray(out.cache.keys[1]), np.asarray(ref.cache.keys[1]), atol=1e-5)
 
 
+
+def test_compress_of_a_placed_model_runs_on_its_mesh(model):
+    """mesh=None on a model placed by shard_model runs over that mesh, as prefill and generate do."""
+    ids = np.random.RandomState(1).randint(3, 128, size=(4, 40))
+    press = lkv_jax.presses.SnapKVPress(budget=16, window_size=8)
+    ref = lkv_jax.compress(model, ids, press)
+    mesh = make_mesh((2, 1, 2))
+    out = lkv_jax.compress(shard_model(model, mesh), ids, press)
+    for a, b in zip(out.kept_positions, ref.kept_positions, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert a.sharding.is_equivalent_to(NamedSharding(mesh, P("data", "tensor", None)), 3)
+
 def test_pallas_scoring_inside_shard_map_matches_single_device(model):
     ids = np.random.RandomState(4).randint(3, 128, size=(4, 40))
     press = lkv_jax.presses.SnapKVPress(budget=16, window_size=8, implementation="pallas", interpret=True)
