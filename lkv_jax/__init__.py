@@ -21,7 +21,7 @@ from lkv_jax.inference import decode, glimpse, prefill
 from lkv_jax.models.transformer import Transformer
 
 __all__ = [
-    "CheckpointError", "DecodingPress", "KVCache", "LkvError", "ModelConfig", "Transformer", "UnsupportedModelError", "compress",
-    "convert", "decode", "forward", "generate", "generate_from_cache", "glimpse", "load", "load_converted",
+    "CheckpointError", "DecodingPress", "KVCache", "LkvError", "ModelConfig", "Transformer", "UnsupportedModelError",
+    "compress", "convert", "decode", "forward", "generate", "generate_from_cache", "glimpse", "load", "load_converted",
     "load_gguf", "load_hf", "prefill", "presses", "save_converted", "save_hf",
 ]
