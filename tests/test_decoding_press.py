@@ -111,11 +111,19 @@ ORACLE_SCORES = {SnapKVPress: snapkv_scores, KnormPress: knorm_scores, Streaming
 
 def kept_slots(scores, protected, budget: int, keep_recent: int):
     """Per KV head the `budget` slots to keep (int [K, budget], ascending): the protected ones and the last
-    `keep_recent` entries, then the highest scores."""
+    `keep_recent` entries, then the highest scores. Equal scores go to the earlier slot, as lax.top_k does
+    (max pooling gives neighbours exact ties: adjacent windows share their maximum). Scores equal only up
+    to rounding at the budget's edge make the choice a coin toss between float32 programs (Knorm: a token
+    repeated at another position has the same layer-0 key up to RoPE's rounding): that raises, so a test
+    never rests on one."""
     C = scores.shape[-1]
     forced = protected | (torch.arange(C) >= C - keep_recent)
     s = scores.masked_fill(forced, float("inf"))
-    return s.topk(budget, dim=-1).indices.sort(-1).values
+    order = torch.sort(s, dim=-1, descending=True, stable=True)
+    last_kept, first_dropped = order.values[:, budget - 1], order.values[:, budget]
+    gap = last_kept - first_dropped
+    assert ((gap == 0) | (gap > 1e-5 * first_dropped.abs())).all(), f"near-tie at the budget's edge: {gap}"
+    return order.indices[:, :budget].sort(-1).values
 
 
 def gather_entries(x, slots):
@@ -147,7 +155,7 @@ def oracle_generate(hf, prompt, n_new: int, press=None, *, budget: int = 0, inte
     positions = [torch.arange(T).expand(N_KV, T).clone() for _ in cache.layers]
     if start is not None:  # the full cache's slot t holds position t: gather the chosen slots
         for l, layer in enumerate(cache.layers):
-            slots = torch.as_tensor(start[l], dtype=torch.long)
+            slots = torch.tensor(np.asarray(start[l]), dtype=torch.long)
             layer.keys, layer.values = gather_entries(layer.keys, slots), gather_entries(layer.values, slots)
             positions[l] = slots.clone()
     layer_rows = [[] for _ in cache.layers]  # per layer: each appended token's attention row since the eviction
@@ -196,8 +204,9 @@ SCORERS = {
 
 @pytest.fixture(scope="module")
 def prompts():
-    """Two prompts of 20 and 14 tokens (ids 3..127: no pad, BOS or EOS)."""
-    rs = np.random.RandomState(3)
+    """Two prompts of 20 and 14 tokens (ids 3..127: no pad, BOS or EOS). Seed 5: no eviction of the tests
+    meets a near-tie (`kept_slots`); seed 3 does, Knorm's second eviction of the first row."""
+    rs = np.random.RandomState(5)
     return [rs.randint(3, 128, size=n) for n in (20, 14)]
 
 
@@ -219,7 +228,7 @@ def run_evicting(model, rows, n_new: int, decoding_press, press=None):
     else:
         out = lkv_jax.compress(model, ids, press, attention_mask=mask)
         cache, logits = out.cache, out.logits
-    return decode_evicting(model, cache, logits, n_new, decoding_press, eos=())
+    return decode_evicting(model, cache, logits, n_new, decoding_press, eos_token_id=())
 
 
 def cache_row(cache, b: int):
@@ -254,11 +263,14 @@ def first_eviction_length(fill0: int, k: int = 1) -> int:
 # the oracle itself
 
 
-def test_oracle_without_eviction_is_transformers_generate(models, prompts):
+def test_oracle_without_eviction_is_greedy_over_the_whole_sequence(models, prompts):
+    """Its cached decoding equals re-running transformers on the whole sequence for every token."""
     hf, _ = models
-    p = prompts[0]
-    ref = hf.generate(torch.tensor(p)[None], max_new_tokens=12, min_new_tokens=12, do_sample=False)
-    np.testing.assert_array_equal(oracle_generate(hf, p, 12).tokens, ref[0, len(p):].numpy())
+    seq = list(prompts[0])
+    for _ in range(12):
+        with torch.no_grad():
+            seq.append(int(hf(torch.tensor(seq)[None]).logits[0, -1].argmax()))
+    np.testing.assert_array_equal(oracle_generate(hf, prompts[0], 12).tokens, seq[len(prompts[0]):])
 
 
 def test_oracle_evicts_on_schedule_and_keeps_the_protected(models, prompts):
@@ -327,7 +339,7 @@ def test_a_budget_above_the_final_length_is_the_full_cache(models, prompts, name
     hf, model = models
     ids, mask = left_padded(prompts)
     n = 14
-    D = DecodingPress(SCORERS[name], budget=len(prompts[0]) + n, interval=1, keep_recent=RECENT)
+    D = DecodingPress(SCORERS[name], budget=len(prompts[0]) + n, interval=INTERVAL, keep_recent=RECENT)
     got = lkv_jax.generate(model, ids, n, attention_mask=mask, eos_token_id=(), decoding_press=D)
     for b, p in enumerate(prompts):
         np.testing.assert_array_equal(got[b], oracle_generate(hf, p, n).tokens)
