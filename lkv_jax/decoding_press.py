@@ -199,6 +199,6 @@ def decode_evicting(model: Transformer, cache: KVCache, first_logits, max_new_to
     graphdef, params = nnx.split(model)
     fn = jitted_evicting_loop(graphdef, params, mesh, max_new_tokens=max_new_tokens, eos=eos, pad=pad)
     with jax.set_mesh(mesh):  # the Pallas ops run per (batch, KV-head) shard of this mesh
-        tokens, n, cache, _ = fn(params, press, cache, jnp.asarray(fill, jnp.int32), first_logits)
+        tokens, n, cache, _ = fn(params, press, cache, fill.astype(np.int32), first_logits)
     tokens, n = fetch_to_host((tokens, n))
     return tokens[:, : int(n)], cache

@@ -12,7 +12,7 @@ from conftest import build_hf_model, save_hf_model
 
 import lkv_jax
 from lkv_jax.cli import main
-from lkv_jax.presses import SnapKVPress
+from lkv_jax.presses import KnormPress, SnapKVPress, StreamingLLMPress
 
 PROMPT = [1, 17, 45, 99, 3, 64, 23, 87, 5, 110, 42, 76, 9, 31, 58, 120, 14, 66, 27, 93]
 
@@ -72,6 +72,27 @@ def test_press_options(model_dir, capsys):
     assert rec["tokens"] == ref[: len(rec["tokens"])] and len(rec["tokens"]) >= 1
 
 
+def test_decoding_press_options(model_dir, capsys):
+    hf, path = model_dir
+    ids = " ".join(map(str, PROMPT))
+    # a budget above prompt + answer never evicts: transformers' full-cache greedy answer
+    code, out, _ = run_cli(capsys, "--model", path, "--prompt-ids", ids, "--max-new-tokens", "12",
+                           "--decoding-press", "tova", "--decoding-budget", "40", "--decoding-interval", "4")
+    assert code == 0 and [int(t) for t in out.split()] == hf_greedy(hf, PROMPT, 12)
+    # a small one: the options reach lkv_jax.generate's DecodingPress unchanged
+    code, out, _ = run_cli(capsys, "--model", path, "--prompt-ids", ids, "--max-new-tokens", "16", "--json",
+                           "--press", "knorm", "--budget", "10", "--decoding-press", "streamingllm:n_sink=2",
+                           "--decoding-budget", "10", "--decoding-interval", "4", "--keep-recent", "3")
+    assert code == 0
+    rec = json.loads(out)
+    assert (rec["decoding_press"], rec["decoding_budget"], rec["decoding_interval"], rec["keep_recent"]) == (
+        "streamingllm:n_sink=2", 10, 4, 3)
+    dp = lkv_jax.DecodingPress(StreamingLLMPress(n_sink=2), budget=10, interval=4, keep_recent=3)
+    ref = lkv_jax.generate(lkv_jax.load_hf(path), np.asarray([PROMPT]), 16, press=KnormPress(budget=10),
+                           decoding_press=dp)[0].tolist()
+    assert rec["tokens"] == ref[: len(rec["tokens"])] and len(rec["tokens"]) >= 1
+
+
 def test_text_in_text_out(text_model_dir, capsys):
     hf, path = text_model_dir
     text = " ".join(f"w{i}" for i in PROMPT)
@@ -88,6 +109,11 @@ def test_text_in_text_out(text_model_dir, capsys):
     (["--press", "snapkv", "--budget", "8"], "protected"),
     (["--compression-ratio", "0.5"], "need a --press"),
     (["--press", "speckv", "--budget", "40"], "draft-model"),
+    (["--decoding-press", "knorm"], "needs --decoding-budget"),
+    (["--decoding-budget", "8"], "needs a --decoding-press"),
+    (["--decoding-press", "expected-attention", "--decoding-budget", "8"], "cannot score a cache while decoding"),
+    (["--decoding-press", "knorm", "--decoding-budget", "8", "--keep-recent", "2"], "compress the prompt first"),
+    (["--decoding-press", "knorm", "--decoding-budget", "4"], "hold keep_recent (8)"),
 ])
 def test_errors(model_dir, capsys, argv, message):
     _, path = model_dir

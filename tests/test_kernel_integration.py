@@ -9,6 +9,7 @@ import pytest
 from conftest import INTERPRET, build_hf_model, save_hf_model
 
 import lkv_jax
+from lkv_jax.decoding_press import decode_evicting
 from lkv_jax.lookahead import init_adapter
 from lkv_jax.presses import LookaheadKVPress, SnapKVPress, TOVAPress
 
@@ -46,6 +47,22 @@ def test_pallas_interpret_and_xla_keep_the_same_positions(model, name):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for a, b in zip(pal.scores, xla.scores, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["snapkv", "tova", "lookaheadkv"])
+def test_decoding_time_eviction_through_pallas_equals_xla(model, name):
+    """Mid-answer scoring and the top-n select run inside the decode loop: the Pallas ops (interpreted on
+    CPU) keep the same entries as XLA, so the answers and the final caches agree."""
+    ids = np.random.RandomState(4).randint(3, 128, size=(2, 40))
+    runs = {}
+    for impl, interpret in (("xla", False), ("pallas", INTERPRET)):
+        scorer = _presses(model, implementation=impl, interpret=interpret)[name]
+        dp = lkv_jax.DecodingPress(scorer, budget=24, interval=8, keep_recent=2)
+        out = lkv_jax.compress(model, ids, scorer)  # the prompt to 24 entries, by the same press
+        runs[impl] = decode_evicting(model, out.cache, out.logits, 20, dp, eos_token_id=())  # two evictions
+    np.testing.assert_array_equal(runs["pallas"][0], runs["xla"][0])
+    for a, b in zip(runs["pallas"][1].positions, runs["xla"][1].positions, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_op_path_equals_per_query_head_path(model):

@@ -176,6 +176,22 @@ def test_generate_on_a_mesh_equals_single_device(model, shape, press_name):
     chex.assert_trees_all_equal(got, want)
 
 
+@pytest.mark.parametrize("scorer", ["snapkv", "lookaheadkv"])
+def test_decoding_time_eviction_on_a_mesh_equals_single_device(model, scorer):
+    rs = np.random.RandomState(3)
+    ids = rs.randint(3, 128, size=(4, 24))
+    mask = np.ones_like(ids)
+    mask[1, :7] = 0  # a shorter row: it evicts later than the others
+    press = (lkv_jax.presses.SnapKVPress(window_size=4) if scorer == "snapkv" else
+             lkv_jax.presses.LookaheadKVPress(init_adapter(CFG, jax.random.key(0), n_lookahead=4)))
+    dp = lkv_jax.DecodingPress(press, budget=24, interval=6, keep_recent=2)
+    want = lkv_jax.generate(model, ids, 20, attention_mask=mask, eos_token_id=(), decoding_press=dp)
+    mesh = make_mesh((2, 2, 2))
+    got = lkv_jax.generate(shard_model(model, mesh), ids, 20, attention_mask=mask, eos_token_id=(),
+                           decoding_press=dp, mesh=mesh)
+    chex.assert_trees_all_equal(got, want)
+
+
 def test_prefill_and_decode_on_a_mesh_have_the_declared_shardings(model):
     mesh = make_mesh((2, 2, 2))
     sharded = shard_model(model, mesh)

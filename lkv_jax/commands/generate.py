@@ -19,6 +19,11 @@ presses: registered names (lkv_jax.presses.PRESSES: snapkv, snapkv-paper, pyrami
 examples:
   lkv generate --model DIR --press snapkv --compression-ratio 0.5 --prompt "Summarise: ..."
   lkv generate --model DIR --press tova --budget 64 --prompt-ids "1 15 27 3" --max-new-tokens 16
+decoding-time eviction (long answers in bounded memory): --decoding-press snapkv|tova|knorm|streamingllm|lookaheadkv
+  with --decoding-budget B [--decoding-interval N --keep-recent W]: whenever the cache holds B + N entries it is
+  evicted back to B; the prompt must fit in B (or be compressed to it by --press), e.g.
+  lkv generate --model DIR --press lookaheadkv --budget 256 --adapter A --decoding-press lookaheadkv \
+      --decoding-budget 256 --decoding-interval 64 --prompt "..." --max-new-tokens 1024
 """
 
 
@@ -41,6 +46,10 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="compute dtype (default: as stored)")
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk size")
+    p.add_argument("--decoding-press", default=None, help="scorer name[:key=value...] for decoding-time eviction")
+    p.add_argument("--decoding-budget", type=int, default=None, help="entries per layer and KV head while decoding")
+    p.add_argument("--decoding-interval", type=int, default=64, help="evict every this many new entries")
+    p.add_argument("--keep-recent", type=int, default=8, help="last generated tokens always kept")
     p.add_argument("--json", action="store_true", help="print one JSON record instead of plain text")
 
 
@@ -60,10 +69,30 @@ def build_press(args, model):
         if args.compression_ratio is not None or args.budget is not None:
             raise ValueError("--compression-ratio / --budget need a --press")
         return None
+    return _registered_press(args, model, args.press, compression_ratio=args.compression_ratio, budget=args.budget)
+
+
+def build_decoding_press(args, model):
+    """The decoding-time eviction the arguments describe (None without --decoding-press)."""
+    if args.decoding_press is None:
+        if args.decoding_budget is not None:
+            raise ValueError("--decoding-budget needs a --decoding-press")
+        return None
+    if args.decoding_budget is None:
+        raise ValueError("--decoding-press needs --decoding-budget")
+    from lkv_jax.decoding_press import DecodingPress
+
+    scorer = _registered_press(args, model, args.decoding_press)
+    return DecodingPress(scorer, budget=args.decoding_budget, interval=args.decoding_interval,
+                         keep_recent=args.keep_recent)
+
+
+def _registered_press(args, model, text: str, **amount):
+    """A registered press from `name[:key=value...]`, with the draft model or adapter it needs."""
     from lkv_jax.evaluation.runner import PressSpec
     from lkv_jax.presses.registry import make_press, press_needs
 
-    spec = PressSpec.parse(args.press)
+    spec = PressSpec.parse(text)
     kwargs = dict(spec.kwargs)
     needs = press_needs(spec.name)
     if needs == "draft_model":
@@ -79,9 +108,9 @@ def build_press(args, model):
 
         kwargs["adapter"] = load_adapter(args.adapter, model.config)
     try:
-        return make_press(spec.name, compression_ratio=args.compression_ratio, budget=args.budget, **kwargs)
+        return make_press(spec.name, **amount, **kwargs)
     except TypeError as e:
-        raise ValueError(f"press {args.press}: {e}") from e
+        raise ValueError(f"press {text}: {e}") from e
 
 
 def run(args) -> int:
@@ -111,13 +140,16 @@ def run(args) -> int:
     model = load(model_dir, dtype=args.dtype)  # Hugging Face or converted (orbax) directory
     check_token_ids(ids, model.config.vocab_size, "--prompt-ids" if args.prompt is None else "--prompt")
     press = build_press(args, model)
+    decoding_press = build_decoding_press(args, model)
     tokens = generate(model, np.asarray([ids], np.int32), args.max_new_tokens, press=press,
-                      chunk_size=args.chunk_size)[0]
+                      chunk_size=args.chunk_size, decoding_press=decoding_press)[0]
     out = trim_at_eos(tokens, model.config.eos_token_id)
     text = tokenizer.decode(out, skip_special_tokens=True) if tokenizer is not None else None
     if args.json:
         print(json.dumps({"prompt_ids": ids, "tokens": out, "text": text, "press": args.press,
-                          "compression_ratio": args.compression_ratio, "budget": args.budget}))
+                          "compression_ratio": args.compression_ratio, "budget": args.budget,
+                          "decoding_press": args.decoding_press, "decoding_budget": args.decoding_budget,
+                          "decoding_interval": args.decoding_interval, "keep_recent": args.keep_recent}))
     elif args.prompt is not None:
         print(text)
     else:
