@@ -487,11 +487,6 @@ def generate_samples(task: str, length: int, n: int, *, count: Counter, seed: in
             for i in range(n)]
 
 
-def text_counter(count_text: Callable[[str], int]) -> Counter:
-    """A Counter for RULER's `base` template: the tokens of `sample.text` under `count_text`."""
-    return lambda sample: count_text(sample.text)
-
-
 def postprocess(prediction: str) -> str:
     """RULER's `postprocess_pred` (scripts/eval/evaluate.py): strip, control characters to newlines, strip."""
     return re.sub(r"[\x00-\x1f]", "\n", prediction.strip()).strip()

@@ -290,7 +290,6 @@ TASKS: dict[str, Callable[..., Sample]] = {
     "fwe": fwe,
     "tag_list": tag_list,
 }
-CONTEXT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
 def generate_samples(task: str, n: int, length: int, *, seed: int = 0, count: Counter = count_words,
