@@ -102,10 +102,6 @@ def filler_sentence(rng: np.random.Generator) -> list[str]:
     return [FILLER[i] for i in rng.integers(0, len(FILLER), n)] + ["."]
 
 
-def _depth_sentence(rng: np.random.Generator, depth: float | None) -> float:
-    return float(rng.uniform(0.0, 1.0)) if depth is None else float(depth)
-
-
 def build_haystack(rng: np.random.Generator, length: int, needles: Sequence[tuple[float, str]],
                    count: Counter = count_words) -> tuple[str, tuple[tuple[int, str], ...]]:
     """Filler sentences of about `length` tokens (under `count`) with each needle inserted at its depth.
@@ -170,7 +166,7 @@ def niah_single(rng, length, *, depth: float | None = None, value_len: int = 4, 
     """One record `key K : v1..vn .` at `depth`; question `? key K :`, answer its value."""
     key = _pick(rng, NAMES, 1)[0]
     value = value_words(rng, value_len)
-    d = _depth_sentence(rng, depth)
+    d = float(rng.uniform(0.0, 1.0)) if depth is None else float(depth)
     context, placed = build_haystack(rng, length, [(d, key_record(key, value))], count)
     return Sample("niah_single", context, f"? key {key} :", value, (value,), length, placed, (d,))
 
@@ -325,11 +321,11 @@ def encode_builtin(sample: Sample, vocab, *, query_aware: bool = True) -> Encode
 
 
 # task instructions for real (instruction-tuned) models; the tiny model reads the bare grammar
+_ONE_RECORD = ("Records of the form 'key NAME : WORDS .' are hidden in the text below. Answer with the words of the "
+               "record the question names.")
 INSTRUCTIONS = {
-    "niah_single": "Records of the form 'key NAME : WORDS .' are hidden in the text below. "
-                   "Answer with the words of the record the question names.",
-    "niah_multikey": "Records of the form 'key NAME : WORDS .' are hidden in the text below. "
-                     "Answer with the words of the record the question names.",
+    "niah_single": _ONE_RECORD,
+    "niah_multikey": _ONE_RECORD,
     "niah_multivalue": "Several records of the form 'key NAME : WORDS .' share one name in the text below. "
                        "Answer with the words of every record with the asked name, in order, separated by ' ; '.",
     "niah_multiquery": "Records of the form 'key NAME : WORDS .' are hidden in the text below. For each asked "
