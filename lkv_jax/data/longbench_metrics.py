@@ -214,10 +214,7 @@ def score_sample(dataset: str, prediction: str, answers: Sequence[str], all_clas
     if dataset in FIRST_LINE_TASKS:
         prediction = prediction.lstrip("\n").split("\n")[0]
     metric = DATASET2METRIC[dataset]
-    score = 0.0
-    for ground_truth in answers:
-        score = max(score, metric(prediction, ground_truth, all_classes=all_classes))
-    return score
+    return max([0.0, *(metric(prediction, ground_truth, all_classes=all_classes) for ground_truth in answers)])
 
 
 def score_task(dataset: str, predictions: Sequence[str], answers: Sequence[Sequence[str]], all_classes=None) -> float:
