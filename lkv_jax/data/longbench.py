@@ -124,10 +124,6 @@ def _read_jsonl(path: Path, limit: int | None) -> list[dict]:
         return ds.to_list()
 
 
-# ----------------------------------------------------------------------------------------------
-# prompts
-
-
 def format_prompt(task: str, record: dict) -> str:
     """The official prompt string of a record (no truncation, no chat template)."""
     _check_task(task)

@@ -70,10 +70,6 @@ class Sample:
         return f"{self.context} {self.question}" if query_aware else self.context
 
 
-# ----------------------------------------------------------------------------------------------
-# records and haystack
-
-
 def _pick(rng: np.random.Generator, pool: Sequence[str], n: int) -> list[str]:
     if n > len(pool):
         raise ValueError(f"asked for {n} distinct words from a pool of {len(pool)}")
@@ -156,10 +152,6 @@ def _depths(rng: np.random.Generator, n: int, depths: Sequence[float] | float | 
     if len(depths) != n:
         raise ValueError(f"expected {n} depths, got {len(depths)}")
     return [float(d) for d in depths]
-
-
-# ----------------------------------------------------------------------------------------------
-# tasks
 
 
 def niah_single(rng, length, *, depth: float | None = None, value_len: int = 4, count: Counter = count_words):
@@ -296,10 +288,6 @@ def generate_samples(task: str, n: int, length: int, *, seed: int = 0, count: Co
     task_id = list(TASKS).index(task)
     return [TASKS[task](np.random.default_rng([seed, task_id, length, i]), length, count=count, **params)
             for i in range(n)]
-
-
-# ----------------------------------------------------------------------------------------------
-# tokenisation
 
 
 @dataclasses.dataclass(frozen=True)

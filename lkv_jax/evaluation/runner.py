@@ -48,10 +48,6 @@ FULL_KV = "fullkv"
 MODES = ("query-aware", "question-agnostic")
 
 
-# ----------------------------------------------------------------------------------------------
-# what to run
-
-
 @dataclasses.dataclass(frozen=True)
 class PressSpec:
     """A registered press name plus keyword overrides; `label` names it in files, tables and plots.
@@ -165,10 +161,6 @@ class EvalConfig:
         return tuple(Setting("ratio", float(r)) for r in self.ratios)
 
 
-# ----------------------------------------------------------------------------------------------
-# files
-
-
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]", "_", name)
 
@@ -228,10 +220,6 @@ def _read_complete(path: Path, fingerprint: dict) -> dict | None:
 def _write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")  # a cell is complete or absent
-
-
-# ----------------------------------------------------------------------------------------------
-# one batch
 
 
 def _batches(samples: tuple[EvalSample, ...], batch_size: int, agnostic: bool) -> list[list[EvalSample]]:
@@ -389,10 +377,6 @@ class OracleLabels:
                 self.cache[s.id] = lab
                 self.bytes += lab.nbytes
         return labels[: len(batch)]
-
-
-# ----------------------------------------------------------------------------------------------
-# a cell, and the whole grid
 
 
 def _summary(records: list[dict], timings: list[dict]) -> dict:

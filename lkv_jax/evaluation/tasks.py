@@ -65,10 +65,6 @@ class EvalTask:
                 raise ValueError(f"task {self.name!r}, sample {s.id}: empty context")
 
 
-# ----------------------------------------------------------------------------------------------
-# LongBench
-
-
 def longbench_task(task: str, tokenizer, *, data_dir=None, from_hub: bool = False, max_length: int = 31500,
                    chat_template: bool = False, limit: int | None = None,
                    max_new_tokens: int | None = None) -> EvalTask:
@@ -96,10 +92,6 @@ def longbench_task(task: str, tokenizer, *, data_dir=None, from_hub: bool = Fals
     return EvalTask(name=f"longbench/{task}", samples=tuple(samples),
                     max_new_tokens=int(max_new_tokens or DATASET2MAXLEN[task]), score=score,
                     decode=lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True), eos_token_ids=eos)
-
-
-# ----------------------------------------------------------------------------------------------
-# synthetic RULER-style tasks (built-in vocabulary)
 
 
 def synthetic_task(task: str, *, n_samples: int, length: int, seed: int = 0, vocab=None, encoder=None) -> EvalTask:
@@ -158,10 +150,6 @@ def _string_match_scorer(postprocess: Callable[[str], str] = str) -> Callable[[s
         return float(metric(postprocess(prediction), list(sample.answers)))
 
     return score
-
-
-# ----------------------------------------------------------------------------------------------
-# RULER (real text, a model's tokenizer and chat template)
 
 
 def ruler_task(name: str, encoder, *, length: int, n_samples: int, seed: int = 0, split: str = "eval") -> EvalTask:
