@@ -66,10 +66,8 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(
-                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}"
-            )
+            raise ConfigError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                              f"num_key_value_heads={self.num_key_value_heads}")
 
     @property
     def n_groups(self) -> int:
@@ -95,17 +93,13 @@ class ModelConfig:
         too, so both are errors instead.
         """
         if total_length > self.max_length:
-            raise SequenceTooLongError(
-                f"sequence of {total_length} tokens (prompt plus suffix or generated tokens) exceeds the "
-                f"model's {self.max_length} positions (max_position_embeddings / RoPE scaling in config.json); "
-                "shorten the prompt or generate fewer tokens"
-            )
+            raise SequenceTooLongError(f"sequence of {total_length} tokens (prompt plus suffix or generated tokens) "
+                                       f"exceeds the model's {self.max_length} positions (max_position_embeddings / "
+                                       "RoPE scaling in config.json); shorten the prompt or generate fewer tokens")
         if self.sliding_window is not None and total_length > self.sliding_window:
-            raise UnsupportedModelError(
-                f"sequence of {total_length} tokens exceeds the model's sliding_window="
-                f"{self.sliding_window}; lkv_jax implements full attention only, which would "
-                "change this model's results"
-            )
+            raise UnsupportedModelError(f"sequence of {total_length} tokens exceeds the model's sliding_window="
+                                        f"{self.sliding_window}; lkv_jax implements full attention only, which "
+                                        "would change this model's results")
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -119,20 +113,12 @@ class ModelConfig:
         if bad:
             raise ConfigError(f"config keys must be positive integers: {', '.join(bad)}")
         archs = cfg.get("architectures") or []
-        family = None
-        for a in archs:
-            if a in SUPPORTED_ARCHITECTURES:
-                family = SUPPORTED_ARCHITECTURES[a]
-                break
+        family = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if not archs and cfg.get("model_type") in SUPPORTED_ARCHITECTURES.values():  # no architectures: model_type
+            family = cfg["model_type"]
         if family is None:
-            family = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}.get(
-                cfg.get("model_type", "") if not archs else ""
-            )
-        if family is None:
-            raise UnsupportedModelError(
-                f"unsupported architectures {archs or cfg.get('model_type')!r}; supported: "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+            raise UnsupportedModelError(f"unsupported architectures {archs or cfg.get('model_type')!r}; supported: "
+                                        f"{', '.join(SUPPORTED_ARCHITECTURES)}")
         if cfg.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"hidden_act={cfg['hidden_act']!r}; only 'silu' is supported")
         n_heads = cfg["num_attention_heads"]
@@ -144,27 +130,15 @@ class ModelConfig:
         eos = () if eos is None else (tuple(eos) if isinstance(eos, list) else (int(eos),))
         attention_bias = bool(cfg.get("attention_bias", False))
         return cls(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_hidden_layers=cfg["num_hidden_layers"],
-            num_attention_heads=n_heads,
-            num_key_value_heads=cfg.get("num_key_value_heads") or n_heads,
-            head_dim=head_dim,
-            family=family,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope=_rope_from_hf(cfg),
+            vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=n_heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or n_heads, head_dim=head_dim, family=family,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope=_rope_from_hf(cfg),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=family == "qwen2" or attention_bias,
-            o_bias=attention_bias and family != "qwen2",
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
-            qk_norm=family == "qwen3",
-            sliding_window=sliding,
-            max_position_embeddings=cfg.get("max_position_embeddings", 131072),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_id=eos,
-            pad_token_id=cfg.get("pad_token_id"),
-        )
+            qkv_bias=family == "qwen2" or attention_bias, o_bias=attention_bias and family != "qwen2",
+            mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=family == "qwen3", sliding_window=sliding,
+            max_position_embeddings=cfg.get("max_position_embeddings", 131072), bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=eos, pad_token_id=cfg.get("pad_token_id"))
 
     @classmethod
     def from_json(cls, path: str | Path) -> ModelConfig:
@@ -189,12 +163,9 @@ class ModelConfig:
         if self.rope.rope_type == "linear":
             rope["factor"] = self.rope.factor
         elif self.rope.rope_type == "llama3":
-            rope.update(
-                factor=self.rope.factor,
-                low_freq_factor=self.rope.low_freq_factor,
-                high_freq_factor=self.rope.high_freq_factor,
-                original_max_position_embeddings=self.rope.original_max_position_embeddings,
-            )
+            rope.update(factor=self.rope.factor, low_freq_factor=self.rope.low_freq_factor,
+                        high_freq_factor=self.rope.high_freq_factor,
+                        original_max_position_embeddings=self.rope.original_max_position_embeddings)
         d: dict[str, Any] = {
             "architectures": [arch],
             "model_type": self.family,
@@ -239,14 +210,9 @@ def _rope_from_hf(cfg: dict[str, Any]) -> RopeConfig:
     merged = {**scaling, **params}
     rope_type = merged.get("rope_type", merged.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise UnsupportedModelError(
-            f"rope_type={rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
-        )
-    return RopeConfig(
-        theta=float(theta),
-        rope_type=rope_type,
-        factor=float(merged.get("factor", 1.0)),
-        low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(merged.get("original_max_position_embeddings", 8192)),
-    )
+        raise UnsupportedModelError(f"rope_type={rope_type!r} is not supported; supported: "
+                                    f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+    return RopeConfig(theta=float(theta), rope_type=rope_type, factor=float(merged.get("factor", 1.0)),
+                      low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
+                      high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
+                      original_max_position_embeddings=int(merged.get("original_max_position_embeddings", 8192)))

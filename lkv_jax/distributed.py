@@ -1,5 +1,5 @@
-"""Multi-host plumbing: process initialisation, the rows of a dataset each process feeds, globally
-sharded batches from per-process rows, and gathering sharded results to every host."""
+"""Multi-host plumbing: process initialisation, globally sharded batches from per-process rows, and
+gathering sharded results to every host."""
 
 from __future__ import annotations
 
@@ -32,11 +32,6 @@ def maybe_initialize_distributed() -> bool:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kw)
     return True
-
-
-def process_shard(n_items: int) -> range:
-    """The indices of a dataset this process feeds (contiguous interleave over processes)."""
-    return range(jax.process_index(), n_items, jax.process_count())
 
 
 def fetch_to_host(tree):

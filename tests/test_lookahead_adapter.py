@@ -26,9 +26,9 @@ from lkv_jax.lookahead import (
     make_label_dataset,
     save_adapter,
 )
-from lkv_jax.lookahead.scoring import pool_scores
 from lkv_jax.presses import LookaheadKVPress
 from lkv_jax.presses.registry import make_press
+from lkv_jax.suffix_scoring import pool_scores
 
 HF_PROJ = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from lkv_jax.atomic_files import atomic_copy, atomic_write_text
 from lkv_jax.checkpoint.safetensors_io import open_safetensors, save_safetensors
@@ -162,20 +162,9 @@ def _assemble(config: ModelConfig, tensors: dict[str, np.ndarray], dtype, unexpe
     if bad:
         raise CheckpointError(f"{source}: shape mismatch: " + "; ".join(bad))
     graphdef, state = nnx.split(abstract)
-    flat = nnx.to_flat_state(state)
-    leaves = [(k, jnp.asarray(tensors[".".join(map(str, k))], dtype=dtype)) for k, _ in flat]
-    nnx.replace_by_pure_dict(state, _unflatten(leaves))
+    leaves = {k: jnp.asarray(tensors[".".join(map(str, k))], dtype=dtype) for k, _ in nnx.to_flat_state(state)}
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(leaves))
     return nnx.merge(graphdef, state)
-
-
-def _unflatten(leaves) -> dict:
-    out: dict = {}
-    for key, value in leaves:
-        d = out
-        for part in key[:-1]:
-            d = d.setdefault(part, {})
-        d[key[-1]] = value
-    return out
 
 
 def model_tensors(model: Transformer) -> dict[str, np.ndarray]:

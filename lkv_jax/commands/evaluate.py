@@ -4,6 +4,7 @@ table and PNG plots (see `lkv_jax.evaluation`)."""
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 HELP = ("evaluate KV-cache eviction: presses x budgets x tasks (synthetic RULER-style, RULER or LongBench) -> "
@@ -28,22 +29,20 @@ example:
 """
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+def _comma_separated(convert, what: str):
+    """An argparse type: a tuple of the comma-separated items of the text, each through `convert`."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(convert(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+
+    return parse
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
+_ints, _floats, _names = (_comma_separated(int, "integers"), _comma_separated(float, "numbers"),
+                          _comma_separated(str.strip, "names"))
 
 
 def add_arguments(p) -> None:
@@ -140,13 +139,9 @@ def build_tasks(args) -> list:
         elif name.startswith("ruler/") or name == "summary":
             if ruler_encoder is None:
                 ruler_encoder = _ruler_encoder(Path(args.tokenizer or args.model), args.chat_template)
-            for length in args.lengths:
-                if name == "summary":
-                    tasks.append(summary_task(ruler_encoder, length=length, n_samples=args.n_samples or 20,
-                                              seed=args.seed))
-                else:
-                    tasks.append(ruler_task(name, ruler_encoder, length=length, n_samples=args.n_samples or 20,
-                                            seed=args.seed))
+            make = summary_task if name == "summary" else functools.partial(ruler_task, name)
+            tasks += [make(ruler_encoder, length=length, n_samples=args.n_samples or 20, seed=args.seed)
+                      for length in args.lengths]
         else:
             if vocab is None and encoder is None:
                 vocab, encoder = _synthetic_tokenizer(Path(args.tokenizer or args.model), args.chat_template)

@@ -21,9 +21,6 @@ from collections.abc import Callable, Sequence
 
 from rapidfuzz.distance import Indel
 
-# ----------------------------------------------------------------------------------------------
-# normalisation and token F1
-
 
 def normalize_answer(s: str) -> str:
     """Official SQuAD-style normalisation: lower case, drop punctuation, drop articles, squeeze spaces."""
@@ -48,10 +45,6 @@ def f1_score(prediction: Sequence[str], ground_truth: Sequence[str]) -> float:
 def qa_f1_score(prediction: str, ground_truth: str, **kwargs) -> float:
     """F1 over whitespace tokens after `normalize_answer` (narrativeqa, qasper, hotpotqa, ...)."""
     return float(f1_score(normalize_answer(prediction).split(), normalize_answer(ground_truth).split()))
-
-
-# ----------------------------------------------------------------------------------------------
-# ROUGE-L, as pltrdy/rouge (the `rouge` package LongBench calls) computes it
 
 
 def _lcs_table(x: Sequence, y: Sequence) -> list[list[int]]:
@@ -117,10 +110,6 @@ def rouge_score(prediction: str, ground_truth: str, **kwargs) -> float:
         return 0.0
 
 
-# ----------------------------------------------------------------------------------------------
-# classification, retrieval, counting, code
-
-
 def classification_score(prediction: str, ground_truth: str, **kwargs) -> float:
     """Official trec/lsht score: 1/k when the ground truth is among the k class names found in the
     prediction (class names contained in the ground truth but not equal to it are dropped), else 0.
@@ -179,9 +168,7 @@ def code_sim_score(prediction: str, ground_truth: str, **kwargs) -> float:
     return fuzz_ratio(line, ground_truth) / 100
 
 
-# ----------------------------------------------------------------------------------------------
-# the official per-dataset mapping
-
+# the official per-dataset mapping (eval.py's dataset2metric)
 DATASET2METRIC: dict[str, Callable[..., float]] = {
     "narrativeqa": qa_f1_score,
     "qasper": qa_f1_score,
@@ -214,10 +201,7 @@ def score_sample(dataset: str, prediction: str, answers: Sequence[str], all_clas
     if dataset in FIRST_LINE_TASKS:
         prediction = prediction.lstrip("\n").split("\n")[0]
     metric = DATASET2METRIC[dataset]
-    score = 0.0
-    for ground_truth in answers:
-        score = max(score, metric(prediction, ground_truth, all_classes=all_classes))
-    return score
+    return max([0.0, *(metric(prediction, ground_truth, all_classes=all_classes) for ground_truth in answers)])
 
 
 def score_task(dataset: str, predictions: Sequence[str], answers: Sequence[Sequence[str]], all_classes=None) -> float:

@@ -145,19 +145,27 @@ def request_prompts(kind: str, n: int, *, min_tokens: int, max_tokens: int, coun
     redrawn, and a ValueError says so if the range cannot be met at all."""
     if kind not in _BUILDERS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    rng = np.random.default_rng([seed, KINDS.index(kind)])
+    # the passage leaves room for the question (at most ~60 tokens)
+    return _draw(n, lambda: _BUILDERS[kind](rng, max(1, min_tokens - 60), max_tokens - 60, count), kind,
+                 min_tokens, max_tokens, count)
+
+
+def _draw(n: int, make: Callable[[], Request | None], what: str, min_tokens: int, max_tokens: int,
+          count: Counter) -> list[Request]:
+    """`n` requests from `make()` whose user message is min_tokens..max_tokens tokens long, in at most
+    50 n + 50 draws (a ValueError says the range cannot be met)."""
     if not 0 < min_tokens <= max_tokens:
         raise ValueError(f"need 0 < min_tokens <= max_tokens, got {min_tokens}, {max_tokens}")
-    rng = np.random.default_rng([seed, KINDS.index(kind)])
     out: list[Request] = []
-    tries = 0
-    while len(out) < n:
-        tries += 1
-        if tries > 50 * n + 50:
-            raise ValueError(f"could not draw {n} {kind} requests of {min_tokens}-{max_tokens} tokens")
-        # the passage leaves room for the question (at most ~60 tokens)
-        r = _BUILDERS[kind](rng, max(1, min_tokens - 60), max_tokens - 60, count)
+    for _ in range(50 * n + 50):
+        if len(out) == n:
+            break
+        r = make()
         if r is not None and min_tokens <= count(r.user) <= max_tokens:
             out.append(r)
+    if len(out) < n:
+        raise ValueError(f"could not draw {n} {what} requests of {min_tokens}-{max_tokens} tokens")
     return out
 
 
@@ -168,15 +176,6 @@ def summary_requests(n: int, *, min_tokens: int, max_tokens: int, count: Counter
                      split: str = "eval") -> list[Request]:
     """`n` "summarise the passage above" requests over essay passages of one half (the evaluation half by
     default: the long-answer evaluation task), `min_tokens`..`max_tokens` tokens under `count`."""
-    if not 0 < min_tokens <= max_tokens:
-        raise ValueError(f"need 0 < min_tokens <= max_tokens, got {min_tokens}, {max_tokens}")
     rng = np.random.default_rng([seed, len(KINDS)])
-    out: list[Request] = []
-    for _ in range(50 * n + 50):
-        if len(out) == n:
-            return out
-        r = _essay_request(rng, max(1, min_tokens - 20), max_tokens - 20, count, split=split,
-                           requests=(SUMMARY_REQUEST,))
-        if r is not None and min_tokens <= count(r.user) <= max_tokens:
-            out.append(r)
-    raise ValueError(f"could not draw {n} summary requests of {min_tokens}-{max_tokens} tokens")
+    return _draw(n, lambda: _essay_request(rng, max(1, min_tokens - 20), max_tokens - 20, count, split=split,
+                                           requests=(SUMMARY_REQUEST,)), "summary", min_tokens, max_tokens, count)

@@ -395,15 +395,10 @@ def zeta(alpha: float, terms: int = 1000) -> float:
 def coded_vocab(rng: np.random.Generator, size: int, word_len: int = 6) -> list[str]:
     """fwe's vocabulary: `size` distinct random lowercase words in random order, the first replaced by "..."
     (the top-ranked word is noise)."""
-    vocab: list[str] = []
-    seen = set()
+    vocab: dict[str, None] = {}  # distinct words in the order first drawn
     while len(vocab) < size:
-        w = "".join(string.ascii_lowercase[i] for i in rng.integers(0, 26, word_len))
-        if w not in seen:
-            seen.add(w)
-            vocab.append(w)
-    vocab[0] = "..."
-    return vocab
+        vocab["".join(string.ascii_lowercase[i] for i in rng.integers(0, 26, word_len))] = None
+    return ["...", *list(vocab)[1:]]
 
 
 def build_fwe(rng: np.random.Generator, n: int, spec: _Spec) -> RulerSample:
@@ -467,17 +462,11 @@ def generate_sample(task: str, length: int, index: int, *, count: Counter, seed:
     spec = _Spec(task, length, index, split, random_start, args)
     budget = length - FAMILIES[family].tokens_to_generate
     key = int(_rng(seed, task, length, index, split).integers(2**63))
-    hi = None
-    if family == "niah":
-        build = lambda rng, n: build_niah(rng, n, spec)  # noqa: E731
-    elif family == "variable_tracking":
-        example = vt_example(np.random.default_rng([key, 1]), spec, count)
-        build = lambda rng, n: build_vt(rng, n, spec, example=example)  # noqa: E731
-    elif family == "common_words_extraction":
-        build, hi = (lambda rng, n: build_cwe(rng, n, spec)), len(word_list(split))
-    else:
-        build = lambda rng, n: build_fwe(rng, n, spec)  # noqa: E731
-    return fit(lambda n: build(np.random.default_rng([key, 0]), n), count, budget, hi=hi)
+    build = {"niah": build_niah, "variable_tracking": build_vt, "common_words_extraction": build_cwe,
+             "freq_words_extraction": build_fwe}[family]
+    kw = {"example": vt_example(np.random.default_rng([key, 1]), spec, count)} if build is build_vt else {}
+    hi = len(word_list(split)) if build is build_cwe else None  # cwe cannot list more words than there are
+    return fit(lambda n: build(np.random.default_rng([key, 0]), n, spec, **kw), count, budget, hi=hi)
 
 
 def generate_samples(task: str, length: int, n: int, *, count: Counter, seed: int = 0, split: str = "eval",
@@ -485,11 +474,6 @@ def generate_samples(task: str, length: int, n: int, *, count: Counter, seed: in
     """Samples 0..n-1 of `generate_sample`."""
     return [generate_sample(task, length, i, count=count, seed=seed, split=split, random_start=random_start)
             for i in range(n)]
-
-
-def text_counter(count_text: Callable[[str], int]) -> Counter:
-    """A Counter for RULER's `base` template: the tokens of `sample.text` under `count_text`."""
-    return lambda sample: count_text(sample.text)
 
 
 def postprocess(prediction: str) -> str:

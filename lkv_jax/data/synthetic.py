@@ -70,10 +70,6 @@ class Sample:
         return f"{self.context} {self.question}" if query_aware else self.context
 
 
-# ----------------------------------------------------------------------------------------------
-# records and haystack
-
-
 def _pick(rng: np.random.Generator, pool: Sequence[str], n: int) -> list[str]:
     if n > len(pool):
         raise ValueError(f"asked for {n} distinct words from a pool of {len(pool)}")
@@ -100,10 +96,6 @@ def tag_record(tag: str, ordinal: int, value: str) -> str:
 def filler_sentence(rng: np.random.Generator) -> list[str]:
     n = int(rng.integers(4, 11))
     return [FILLER[i] for i in rng.integers(0, len(FILLER), n)] + ["."]
-
-
-def _depth_sentence(rng: np.random.Generator, depth: float | None) -> float:
-    return float(rng.uniform(0.0, 1.0)) if depth is None else float(depth)
 
 
 def build_haystack(rng: np.random.Generator, length: int, needles: Sequence[tuple[float, str]],
@@ -162,15 +154,11 @@ def _depths(rng: np.random.Generator, n: int, depths: Sequence[float] | float | 
     return [float(d) for d in depths]
 
 
-# ----------------------------------------------------------------------------------------------
-# tasks
-
-
 def niah_single(rng, length, *, depth: float | None = None, value_len: int = 4, count: Counter = count_words):
     """One record `key K : v1..vn .` at `depth`; question `? key K :`, answer its value."""
     key = _pick(rng, NAMES, 1)[0]
     value = value_words(rng, value_len)
-    d = _depth_sentence(rng, depth)
+    d = float(rng.uniform(0.0, 1.0)) if depth is None else float(depth)
     context, placed = build_haystack(rng, length, [(d, key_record(key, value))], count)
     return Sample("niah_single", context, f"? key {key} :", value, (value,), length, placed, (d,))
 
@@ -290,7 +278,6 @@ TASKS: dict[str, Callable[..., Sample]] = {
     "fwe": fwe,
     "tag_list": tag_list,
 }
-CONTEXT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
 def generate_samples(task: str, n: int, length: int, *, seed: int = 0, count: Counter = count_words,
@@ -301,10 +288,6 @@ def generate_samples(task: str, n: int, length: int, *, seed: int = 0, count: Co
     task_id = list(TASKS).index(task)
     return [TASKS[task](np.random.default_rng([seed, task_id, length, i]), length, count=count, **params)
             for i in range(n)]
-
-
-# ----------------------------------------------------------------------------------------------
-# tokenisation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,11 +309,11 @@ def encode_builtin(sample: Sample, vocab, *, query_aware: bool = True) -> Encode
 
 
 # task instructions for real (instruction-tuned) models; the tiny model reads the bare grammar
+_ONE_RECORD = ("Records of the form 'key NAME : WORDS .' are hidden in the text below. Answer with the words of the "
+               "record the question names.")
 INSTRUCTIONS = {
-    "niah_single": "Records of the form 'key NAME : WORDS .' are hidden in the text below. "
-                   "Answer with the words of the record the question names.",
-    "niah_multikey": "Records of the form 'key NAME : WORDS .' are hidden in the text below. "
-                     "Answer with the words of the record the question names.",
+    "niah_single": _ONE_RECORD,
+    "niah_multikey": _ONE_RECORD,
     "niah_multivalue": "Several records of the form 'key NAME : WORDS .' share one name in the text below. "
                        "Answer with the words of every record with the asked name, in order, separated by ' ; '.",
     "niah_multiquery": "Records of the form 'key NAME : WORDS .' are hidden in the text below. For each asked "

@@ -152,9 +152,7 @@ def _haystack_stream(rng: np.random.Generator, n_words: int, values, names, dist
     end, each answer supervised. Answers must come from anywhere in a long context, as in the tasks.
 
     distinct: every value word occurs in at most one record (while the alphabet lasts), so the word before
-    a copied one names the copy's source unambiguously, as in the benchmark's few-record haystacks. (Tried
-    on the tiny target against its miscopied answer words: no change in 350 steps; the cause was elsewhere,
-    see its model card.)"""
+    a copied one names the copy's source unambiguously, as in the benchmark's few-record haystacks."""
     free_names = list(rng.permutation(names))
     free_values = list(rng.permutation(values)) if distinct else []
 
@@ -280,12 +278,10 @@ def training_sequence(rng: np.random.Generator, length: int, vocab, *, p_frequen
     induction heads within a few hundred steps on a 16-word alphabet and not within a thousand on the full
     128 (measured on this CPU), so the curriculum starts small and widens the alphabet.
     p_copy: the probability of a pure copy sequence (spans and their repeats only), for the first steps.
-    p_haystack: the probability (of the non-copy sequences) of a benchmark-shaped haystack with the questions
-    at its end (`_haystack_stream`); with 0 the random stream is exactly what it was without the option.
-    p_distinct: the probability that a haystack sequence uses each value word in at most one record (with 0,
-    again, the stream is unchanged).
-    p_recall: the probability (of the non-copy sequences) of a key-value recall stream (`_recall_stream`, values
-    of 1 to `recall_words` words); with 0 the stream is unchanged.
+    p_haystack / p_recall: the probability (of the non-copy sequences) of a benchmark-shaped haystack with the
+    questions at its end (`_haystack_stream`) / of a key-value recall stream (`_recall_stream`, values of 1 to
+    `recall_words` words); p_distinct: that a haystack sequence uses each value word in at most one record.
+    Any of these at 0 leaves the random stream exactly what it was without the option.
     """
     if length < 16:
         raise ValueError(f"length must be at least 16, got {length}")

@@ -22,6 +22,7 @@ def run_ablation(model, labels_dir, variants: dict[str, dict], tasks, *, base_tr
     from lkv_jax.evaluation.report import load_cells
     from lkv_jax.evaluation.runner import EvalConfig, PressSpec, run_eval
     from lkv_jax.evaluation.uncertainty import paired_difference, score_interval
+    from lkv_jax.lookahead.adapter import count_params
     from lkv_jax.lookahead.training import TrainConfig, train
 
     if reference is not None and reference not in variants:
@@ -40,7 +41,7 @@ def run_ablation(model, labels_dir, variants: dict[str, dict], tasks, *, base_tr
         cells = [c for c in load_cells(out / name / "eval") if c["press"] == "lookaheadkv"]
         samples[name] = {b: {c["task"]: c["sample_scores"] for c in cells if c["budget"] == b} for b in budgets}
         row = {"variant": name, "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
-               "adapter_params": int(sum(np.size(x) for x in _leaves(adapter)))}
+               "adapter_params": count_params(adapter)}
         for b in budgets:
             at_b = [c for c in cells if c["budget"] == b]
             row[f"score@{b}"] = float(np.mean([c["score"] for c in at_b])) if at_b else None
@@ -77,12 +78,6 @@ def _reuse_full_kv(src: Path, dst: Path, tasks) -> None:
         if a.is_file() and not b.is_file():
             b.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(a, b)
-
-
-def _leaves(tree):
-    import jax
-
-    return jax.tree.leaves(tree)
 
 
 def plot_ablation(result: dict, path) -> Path:

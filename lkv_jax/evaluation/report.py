@@ -79,15 +79,9 @@ def score_table(grid) -> dict:
     tasks present for that press and x, only where every task is present."""
     table: dict[str, dict[str, dict]] = {}
     for task in grid["tasks"]:
-        table[task] = {}
-        for press in [FULL_KV, *grid["presses"]]:
-            row = {}
-            for x in grid["xs"] or [None]:
-                c = _get(grid, task, press, x)
-                if c is not None:
-                    row[x] = c["score"]
-            if row:
-                table[task][press] = row
+        rows = {press: {x: c["score"] for x in grid["xs"] or [None] if (c := _get(grid, task, press, x)) is not None}
+                for press in [FULL_KV, *grid["presses"]]}
+        table[task] = {press: row for press, row in rows.items() if row}
     avg: dict[str, dict] = defaultdict(dict)
     for press in [FULL_KV, *grid["presses"]]:
         for x in grid["xs"] or [None]:
@@ -247,6 +241,14 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path) -> Path:
+    """Write the figure as a PNG at `path` (atomically) and close it."""
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return Path(path)
+
+
 def _budget_axis(ax, grid) -> None:
     """Budgets on a log-2 axis labelled with the budgets themselves (not powers of two)."""
     if grid["kind"] == "budget" and len(grid["xs"]) > 1:
@@ -290,10 +292,7 @@ def plot_scores(cells: list[dict], path) -> Path:
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_overhead(cells: list[dict], path) -> Path:
@@ -313,10 +312,7 @@ def plot_overhead(cells: list[dict], path) -> Path:
     ax.set_title("eviction overhead")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_oracle(cells: list[dict], path) -> Path | None:
@@ -350,10 +346,7 @@ def plot_oracle(cells: list[dict], path) -> Path | None:
     a2.set_ylim(0, 1.02)
     a2.set_title(f"per layer at {grid['kind']} {_x_label(grid, x0)}")
     a2.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def write_report(out_dir, reference: str | None = None) -> dict[str, Path]:

@@ -48,10 +48,6 @@ FULL_KV = "fullkv"
 MODES = ("query-aware", "question-agnostic")
 
 
-# ----------------------------------------------------------------------------------------------
-# what to run
-
-
 @dataclasses.dataclass(frozen=True)
 class PressSpec:
     """A registered press name plus keyword overrides; `label` names it in files, tables and plots.
@@ -165,10 +161,6 @@ class EvalConfig:
         return tuple(Setting("ratio", float(r)) for r in self.ratios)
 
 
-# ----------------------------------------------------------------------------------------------
-# files
-
-
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]", "_", name)
 
@@ -230,10 +222,6 @@ def _write_json(path: Path, obj: dict) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")  # a cell is complete or absent
 
 
-# ----------------------------------------------------------------------------------------------
-# one batch
-
-
 def _batches(samples: tuple[EvalSample, ...], batch_size: int, agnostic: bool) -> list[list[EvalSample]]:
     """Sorted by length (less padding); question-agnostic batches share one question length (the
     question is appended as one [B, Q] block)."""
@@ -253,16 +241,11 @@ def _padded(rows: list[np.ndarray], batch_size: int, multiple: int) -> tuple[np.
     return pad_left(rows, round_up(max(len(r) for r in rows), multiple))
 
 
-def _block(tree) -> None:
-    jax.block_until_ready(tree)
-
-
-class _Timer:
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def ms(self) -> float:
-        return 1000.0 * (time.perf_counter() - self.start)
+def _timed(fn) -> tuple[Any, float]:
+    """fn()'s result, once ready, and the milliseconds it took."""
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return out, 1000.0 * (time.perf_counter() - start)
 
 
 def _batch_prompt(model, batch: list[EvalSample], cfg: EvalConfig) -> Prompt:
@@ -301,34 +284,27 @@ def _run_batch(model, batch: list[EvalSample], task: EvalTask, press, cfg: EvalC
     timing: dict[str, float] = {}
 
     def run_prefill(extra):
-        out = prefill(model, ids, mask, chunk_size=cfg.chunk_size, extra_capacity=extra)
-        _block(out)
-        return out
+        return prefill(model, ids, mask, chunk_size=cfg.chunk_size, extra_capacity=extra)
 
     def run_compress():
         # a timed batch compresses from scratch: the overhead reported is the one `compress` costs
         shared = None if measure or not accepts_prefix(press) else prefix
-        out = compress_prompt(model, prompt, press, prefix=shared)
-        _block(out)
-        return out
+        return compress_prompt(model, prompt, press, prefix=shared)
 
     # (what this batch needs, the plain-prefill baseline it is timed against)
     main = (lambda: run_prefill(room)) if press is None else run_compress
     base = None if press is None else (lambda: run_prefill(0))
     if measure and warm_up:
-        main()
+        _timed(main)
         if base is not None:
-            base()
+            _timed(base)
     best_main = best_base = float("inf")
     for _ in range(cfg.timing_repeats if measure else 1):
         # alternate the two so a change of load on the machine hits both alike
-        t = _Timer()
-        out = main()
-        best_main = min(best_main, t.ms())
+        out, ms = _timed(main)
+        best_main = min(best_main, ms)
         if measure and base is not None:
-            t = _Timer()
-            base()
-            best_base = min(best_base, t.ms())
+            best_base = min(best_base, _timed(base)[1])
     if measure:
         if press is None:
             timing["prefill_ms"] = best_main
@@ -403,10 +379,6 @@ class OracleLabels:
         return labels[: len(batch)]
 
 
-# ----------------------------------------------------------------------------------------------
-# a cell, and the whole grid
-
-
 def _summary(records: list[dict], timings: list[dict]) -> dict:
     out: dict[str, Any] = {"score": 100.0 * float(np.mean([r["score"] for r in records]))}
     tm: dict[str, Any] = {"n_batches": len(timings)}
@@ -417,18 +389,14 @@ def _summary(records: list[dict], timings: list[dict]) -> dict:
         tm["overhead_ms"] = tm["compress_ms"] - tm["prefill_ms"]
         tm["overhead_pct"] = 100.0 * tm["overhead_ms"] / tm["prefill_ms"]
     out["timing"] = tm
-    ev = [r["evidence_recall"] for r in records if "evidence_recall" in r]
-    if ev:
-        per_layer = np.mean(np.asarray(ev), axis=0)
-        out["evidence"] = {"recall_per_layer": per_layer.tolist(), "recall_mean": float(per_layer.mean())}
-        dis = [r["distractor_recall"] for r in records if "distractor_recall" in r]
-        if dis:
-            per_layer = np.mean(np.asarray(dis), axis=0)
-            out["evidence"].update(distractor_per_layer=per_layer.tolist(), distractor_mean=float(per_layer.mean()))
-    cov = [r["oracle_coverage"] for r in records if "oracle_coverage" in r]
-    if cov:
-        per_layer = np.mean(np.asarray(cov), axis=0)
-        out["oracle"] = {"coverage_per_layer": per_layer.tolist(), "coverage_mean": float(per_layer.mean())}
+    # per-layer means over the samples that have the measure: {name_per_layer: [...], name_mean: float}
+    for group, name, key in (("evidence", "recall", "evidence_recall"), ("evidence", "distractor", "distractor_recall"),
+                             ("oracle", "coverage", "oracle_coverage")):
+        rows = [r[key] for r in records if key in r]
+        if rows and (group in out or name != "distractor"):  # distractor recall only beside evidence recall
+            per_layer = np.mean(np.asarray(rows), axis=0)
+            out.setdefault(group, {}).update({f"{name}_per_layer": per_layer.tolist(),
+                                              f"{name}_mean": float(per_layer.mean())})
     return out
 
 

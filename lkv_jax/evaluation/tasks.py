@@ -65,10 +65,6 @@ class EvalTask:
                 raise ValueError(f"task {self.name!r}, sample {s.id}: empty context")
 
 
-# ----------------------------------------------------------------------------------------------
-# LongBench
-
-
 def longbench_task(task: str, tokenizer, *, data_dir=None, from_hub: bool = False, max_length: int = 31500,
                    chat_template: bool = False, limit: int | None = None,
                    max_new_tokens: int | None = None) -> EvalTask:
@@ -96,10 +92,6 @@ def longbench_task(task: str, tokenizer, *, data_dir=None, from_hub: bool = Fals
     return EvalTask(name=f"longbench/{task}", samples=tuple(samples),
                     max_new_tokens=int(max_new_tokens or DATASET2MAXLEN[task]), score=score,
                     decode=lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True), eos_token_ids=eos)
-
-
-# ----------------------------------------------------------------------------------------------
-# synthetic RULER-style tasks (built-in vocabulary)
 
 
 def synthetic_task(task: str, *, n_samples: int, length: int, seed: int = 0, vocab=None, encoder=None) -> EvalTask:
@@ -134,7 +126,7 @@ def synthetic_task(task: str, *, n_samples: int, length: int, seed: int = 0, voc
         # the target's own length plus room for EOS and a little slack
         budget = max(budget, len(enc.target) + 4)
     return EvalTask(name=f"{task}-{length}", samples=tuple(samples), max_new_tokens=budget,
-                    score=_synthetic_scorer(), decode=decode, eos_token_ids=eos)
+                    score=_string_match_scorer(), decode=decode, eos_token_ids=eos)
 
 
 def evidence_positions(sample, answer_bearing: bool = True) -> list[int]:
@@ -148,29 +140,16 @@ def evidence_positions(sample, answer_bearing: bool = True) -> list[int]:
     return out
 
 
-def _synthetic_scorer() -> Callable[[str, EvalSample], float]:
-    """RULER's string match: `string_match_all` = fraction of references found in the prediction,
-    `string_match_part` = 1 if any is found. Uses `lkv_jax.data.metrics` when it provides them."""
-    try:
-        from lkv_jax.data import metrics as m
-    except ImportError:
-        m = None
+def _string_match_scorer(postprocess: Callable[[str], str] = str) -> Callable[[str, EvalSample], float]:
+    """RULER's scoring of one prediction: `postprocess`, then the sample's metric (`lkv_jax.data.metrics`:
+    string_match_all unless the sample names another) against its answers."""
+    from lkv_jax.data.metrics import METRICS
 
     def score(prediction: str, sample: EvalSample) -> float:
-        kind = sample.extra.get("metric", "string_match_all")
-        fn = getattr(m, kind, None) if m is not None else None
-        if fn is not None:
-            return float(fn(prediction, list(sample.answers)))
-        found = [r.lower() in prediction.lower() for r in sample.answers]
-        if kind == "string_match_part":
-            return float(any(found))
-        return sum(found) / len(found)
+        metric = METRICS[sample.extra.get("metric", "string_match_all")]
+        return float(metric(postprocess(prediction), list(sample.answers)))
 
     return score
-
-
-# ----------------------------------------------------------------------------------------------
-# RULER (real text, a model's tokenizer and chat template)
 
 
 def ruler_task(name: str, encoder, *, length: int, n_samples: int, seed: int = 0, split: str = "eval") -> EvalTask:
@@ -194,20 +173,10 @@ def ruler_task(name: str, encoder, *, length: int, n_samples: int, seed: int = 0
     family = ruler.TASKS[task][0]
     eos = None if encoder.eos_id is None else (int(encoder.eos_id),)
     return EvalTask(name=f"ruler/{task}-{length}", samples=samples,
-                    max_new_tokens=ruler.FAMILIES[family].tokens_to_generate, score=_ruler_scorer(),
+                    max_new_tokens=ruler.FAMILIES[family].tokens_to_generate,
+                    score=_string_match_scorer(ruler.postprocess),
                     decode=lambda ids: encoder.tokenizer.decode(list(ids), skip_special_tokens=True),
                     eos_token_ids=eos)
-
-
-def _ruler_scorer() -> Callable[[str, EvalSample], float]:
-    """RULER's scoring of one prediction: `postprocess_pred`, then the sample's metric against its answers."""
-    from lkv_jax.data.metrics import METRICS
-    from lkv_jax.data.ruler import postprocess
-
-    def score(prediction: str, sample: EvalSample) -> float:
-        return float(METRICS[sample.extra["metric"]](postprocess(prediction), list(sample.answers)))
-
-    return score
 
 
 def summary_task(encoder, *, length: int, n_samples: int, seed: int = 0, split: str = "eval",

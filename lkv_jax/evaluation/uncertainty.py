@@ -19,28 +19,26 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 
-def _check(per_task: Mapping[str, Sequence[float]]) -> dict[str, np.ndarray]:
+def _interval(per_task: Mapping[str, Sequence[float]], level: float, n_boot: int,
+              seed: int) -> tuple[dict[str, float], np.ndarray]:
+    """The average over tasks of the per-task mean scores and its bootstrap percentile interval, {"mean", "lo",
+    "hi"} x 100, and the [n_boot] bootstrap averages (x 100) of samples resampled within each task."""
     if not per_task:
         raise ValueError("no task to average over")
-    out = {}
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    rng = np.random.default_rng(seed)
+    means, total = [], np.zeros(n_boot)
     for task, scores in per_task.items():
         a = np.asarray(scores, np.float64)
         if a.ndim != 1 or a.size == 0:
             raise ValueError(f"task {task!r}: expected a non-empty list of per-sample scores, got shape {a.shape}")
-        out[task] = a
-    return out
-
-
-def _bootstrap_means(per_task: dict[str, np.ndarray], n_boot: int, seed: int) -> np.ndarray:
-    """[n_boot] averages over tasks of per-task means of resampled samples (x 100)."""
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    rng = np.random.default_rng(seed)
-    total = np.zeros(n_boot)
-    for scores in per_task.values():
-        idx = rng.integers(0, scores.size, size=(n_boot, scores.size))
-        total += scores[idx].mean(axis=1)
-    return 100.0 * total / len(per_task)
+        means.append(a.mean())
+        total += a[rng.integers(0, a.size, size=(n_boot, a.size))].mean(axis=1)
+    boots = 100.0 * total / len(per_task)
+    alpha = (1.0 - level) / 2.0
+    return {"mean": 100.0 * float(np.mean(means)), "lo": float(np.quantile(boots, alpha)),
+            "hi": float(np.quantile(boots, 1.0 - alpha))}, boots
 
 
 def score_interval(per_task: Mapping[str, Sequence[float]], *, level: float = 0.95, n_boot: int = 2000,
@@ -49,11 +47,7 @@ def score_interval(per_task: Mapping[str, Sequence[float]], *, level: float = 0.
 
     per_task: {task: per-sample scores in [0, 1]}. Returns {"mean", "lo", "hi"} on the 0-100 scale.
     """
-    data = _check(per_task)
-    boots = _bootstrap_means(data, n_boot, seed)
-    alpha = (1.0 - level) / 2.0
-    return {"mean": 100.0 * float(np.mean([s.mean() for s in data.values()])),
-            "lo": float(np.quantile(boots, alpha)), "hi": float(np.quantile(boots, 1.0 - alpha))}
+    return _interval(per_task, level, n_boot, seed)[0]
 
 
 def paired_difference(a: Mapping[str, Mapping[str, float]], b: Mapping[str, Mapping[str, float]], *,
@@ -73,9 +67,5 @@ def paired_difference(a: Mapping[str, Mapping[str, float]], b: Mapping[str, Mapp
             raise ValueError(f"task {task!r}: the two presses were scored on different samples")
         ids = sorted(a[task])
         diffs[task] = np.asarray([a[task][i] for i in ids], np.float64) - np.asarray([b[task][i] for i in ids])
-    data = _check(diffs)
-    boots = _bootstrap_means(data, n_boot, seed)
-    alpha = (1.0 - level) / 2.0
-    return {"mean": 100.0 * float(np.mean([d.mean() for d in data.values()])),
-            "lo": float(np.quantile(boots, alpha)), "hi": float(np.quantile(boots, 1.0 - alpha)),
-            "p_better": float(np.mean(boots > 0.0))}
+    interval, boots = _interval(diffs, level, n_boot, seed)
+    return {**interval, "p_better": float(np.mean(boots > 0.0))}

@@ -111,10 +111,6 @@ def param_summary(config: ModelConfig, adapter: LookaheadAdapter) -> str:
     return f"lookahead adapter: {n:,} parameters = {100.0 * n / base:.3f}% of the base model's {base:,}"
 
 
-# ----------------------------------------------------------------------------------------------
-# safetensors
-
-
 def flatten_named(adapter: LookaheadAdapter) -> dict[str, jax.Array]:
     """Readable names: `lookahead.embeddings`, `layers.3.q.lora_a`, `layers.3.q.lora_b`."""
     out = {"lookahead.embeddings": adapter.embeddings}

@@ -11,7 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lkv_jax.lookahead.scoring import normalise, reduce_gqa
+from lkv_jax.lookahead.scoring import normalise
+from lkv_jax.suffix_scoring import reduce_gqa
 
 EPS = 1e-10  # floor inside the logs: a label mass of 0 contributes 0 (0 log 0 = 0)
 

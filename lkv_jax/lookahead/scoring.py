@@ -12,7 +12,6 @@ import jax.numpy as jnp
 from lkv_jax.cache import KVCache
 from lkv_jax.inference import GlimpseOutput, KVHeadScores, QueryHeadScores, SuffixLora, append_pure, glimpse_pure
 from lkv_jax.lookahead.adapter import LookaheadAdapter
-from lkv_jax.suffix_scoring import pool_scores, reduce_gqa  # noqa: F401  (the training loss reduces with them)
 
 
 def lookahead_suffix(model, adapter: LookaheadAdapter, batch: int) -> tuple[jnp.ndarray, SuffixLora]:
