@@ -9,7 +9,7 @@ prompt + answer[:t]: SnapKV's window and TOVA's last token are then the last gen
 glimpses after the last token; the same as the decoding-time scorers).
 
     .venv/bin/python experiments/midanswer_prediction.py                 # SmolLM2, essay summaries (~30 min)
-    .venv/bin/python experiments/midanswer_prediction.py --tasks summary,niah_multivalue --n-samples 8
+    .venv/bin/python experiments/midanswer_prediction.py --n-samples 16 --cuts 0,64,128,192
     .venv/bin/python experiments/midanswer_prediction.py --quick         # the tiny target, a random adapter
 
 Outputs under --out (resumable: one JSON per sample under samples/, answers.json): summary.json (per task,
@@ -40,7 +40,9 @@ class Plan:
     tasks: tuple[str, ...] = ("summary",)
     length: int = 2048  # prompt + max_new_tokens fit in this many tokens
     max_new_tokens: int = 256
-    cuts: tuple[int, ...] = (0, 64, 128, 192)
+    # SmolLM2's full-cache essay summaries run 20-256 tokens (median about 75: most stop at EOS), so cuts
+    # past 64 leave one or two samples; a cut past a sample's answer leaves it out of that cell
+    cuts: tuple[int, ...] = (0, 16, 32, 48, 64)
     budgets: tuple[int, ...] = (64, 128, 256)
     n_samples: int = 12
     window: int = 64  # SnapKV's default window (the paper's variant: 32)
@@ -183,6 +185,14 @@ def full_cache_answers(model, task, plan: Plan, path: Path) -> dict[str, list[in
     return done
 
 
+def covers(record: dict, presses, plan: Plan) -> bool:
+    """Whether a saved sample holds every cell this plan asks for (a rerun with other cuts, budgets or
+    presses computes the sample again)."""
+    cov = record["coverage"]
+    return all(str(k) in cov.get(p, {}).get(str(t), {}) for p in presses for t in plan.cuts
+               if t < record["answer_tokens"] for k in plan.budgets)
+
+
 def run(plan: Plan, args) -> dict:
     """{task name: {sample id: its record (coverage per press, t, k, per layer)}}, computing what is missing."""
     from tqdm import tqdm
@@ -200,10 +210,10 @@ def run(plan: Plan, args) -> dict:
         length = round_up(max(len(s.prompt_ids) for s in task.samples) + max(plan.cuts), 64)
         response_length = round_up(max(len(a) for a in answers.values()), 8)
         results[task.name] = per_sample = {}
+        presses = build_presses(adapter, plan.window)
         for s in tqdm(task.samples, desc=f"{task.name} samples", file=sys.stdout):
             path = tdir / "samples" / f"{s.id}.json"
-            if not path.is_file():
-                presses = build_presses(adapter, plan.window)
+            if not (path.is_file() and covers(json.loads(path.read_text()), presses, plan)):
                 cov = sample_coverage(model, presses, s.prompt_ids, answers[s.id], plan.cuts, plan.budgets,
                                       length=length, response_length=response_length, tail=plan.window)
                 rec = {"id": s.id, "prompt_tokens": len(s.prompt_ids), "answer_tokens": len(answers[s.id]),
@@ -231,6 +241,8 @@ def summarise(results: dict, plan: Plan) -> dict:
             for press, by_t in rec["coverage"].items():
                 for t, by_k in by_t.items():
                     for k, layers in by_k.items():
+                        if int(t) not in plan.cuts or int(k) not in plan.budgets:
+                            continue  # a cell of an earlier run with other cuts or budgets
                         cov.setdefault(press, {}).setdefault(t, {}).setdefault(k, {})[sid] = float(np.mean(layers))
         rows = []
         for press, by_t in cov.items():
@@ -321,7 +333,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="the tiny target with a random adapter (seconds)")
     ap.add_argument("--n-samples", type=int, default=None, help="samples per task (default 12)")
     ap.add_argument("--tasks", default=None, help="comma separated: summary, niah_multivalue, ... (default summary)")
-    ap.add_argument("--cuts", default=None, help="answer tokens in the cache, comma separated (default 0,64,128,192)")
+    ap.add_argument("--cuts", default=None, help="answer tokens in the cache, comma separated (default 0,16,32,48,64)")
     ap.add_argument("--budgets", default=None, help="entries kept per layer and KV head (default 64,128,256)")
     ap.add_argument("--model-dir", default="/work/main/runs/real/model",
                     help="SmolLM2 as a Hugging Face directory (converted from the installed GGUF if absent)")
