@@ -13,7 +13,7 @@ from lkv_jax.evaluation.ablation import plot_ablation, summary_table
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["demo.py", "ablate_lookahead_tokens.py", "ablate_lora_targets.py", "train_lookahead.py", "eval.py",
            "train_tiny_target.py", "run_config.py", "launch_tpu_vm.py", "bench_prefill.py", "bench_presses.py",
-           "bench_lookahead.py", "bench_kernel.py"]
+           "bench_lookahead.py", "bench_kernel.py", "midanswer_prediction.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
