@@ -70,3 +70,42 @@ def test_ablation_refuses_an_unknown_reference_before_training(tmp_path):
         run_ablation(None, tmp_path / "labels", {"n=1": {"n_lookahead": 1}}, [], base_train={}, budgets=[32],
                      out_dir=tmp_path / "out", title="t", reference="n=32")
     assert not (tmp_path / "out").exists()
+
+
+def test_decoding_eviction_quick_run(tmp_path):
+    """The decoding-time eviction script end to end on the tiny target: every cell, aggregate and paired
+    difference is written, and at a budget above prompt + answer every method reproduces the full cache's
+    answer token for token (the issue's semantics), which the agreement metrics must then report."""
+    import json
+
+    out = tmp_path / "dec"
+    run = subprocess.run([sys.executable, str(ROOT / "experiments" / "decoding_eviction.py"), "--quick",
+                          "--out", str(out), "--budgets", "48,512"], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| decode-lookaheadkv |" in (out / "results.md").read_text()
+    (task,) = result["tasks"]
+    assert task["peaks"] == [48 + 8, 512 + 8]
+    methods = {a["method"] for a in result["aggregates"]}
+    assert methods == {"fullkv", "prefill-lookaheadkv", "prefill-snapkv", "decode-snapkv", "decode-knorm",
+                       "decode-streamingllm", "decode-lookaheadkv"}
+    full_cells = list((out / "cells" / "quick" / task["name"]).glob("*/*.json"))
+    assert len(full_cells) == 1 + 2 * 6
+    # the paired differences: LookaheadKV against the three other decoding scorers, prefill-only and the full cache
+    others = {d["other"] for d in result["paired"]}
+    assert others == {"decode-snapkv", "decode-knorm", "decode-streamingllm", "prefill-lookaheadkv", "fullkv"}
+    full = {r["id"]: r for r in result["cells"][f"{task['name']}|fullkv|None"]["samples"]}
+    for key, cell in result["cells"].items():
+        if cell["peak"] != 520:
+            continue
+        for r in cell["samples"]:  # budget 512 > prompt + answer: the full cache's own answer
+            assert r["prediction"] == full[r["id"]]["prediction"], key
+            assert r["divergence_tokens"] == r["full_answer_tokens"] > 0, key
+            assert r["agreement_rouge_l"] == 1.0, key
+    rows = result["cost"]["rows"]
+    assert {"fullkv", "prefill-only", "decode-lookaheadkv N=8", "decode-snapkv N=8"} <= set(rows)
+    assert all(r["ms_per_token"] > 0 for r in rows.values())
+    # the cache bytes: capacity x layers (4) x 2 x KV heads (2) x head dim (32) x 4 bytes
+    assert rows["decode-lookaheadkv N=8"]["cache_bytes"] == (48 + 8) * 4 * 2 * 2 * 32 * 4
