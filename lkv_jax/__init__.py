@@ -14,13 +14,14 @@ from lkv_jax.checkpoint.orbax_io import convert, load, load_converted, save_conv
 from lkv_jax.compression import compress
 from lkv_jax.config import ModelConfig, UnsupportedModelError
 from lkv_jax.decoding import generate_from_cache
+from lkv_jax.decoding_press import DecodingPress
 from lkv_jax.errors import LkvError
 from lkv_jax.generation import forward, generate
 from lkv_jax.inference import decode, glimpse, prefill
 from lkv_jax.models.transformer import Transformer
 
 __all__ = [
-    "CheckpointError", "KVCache", "LkvError", "ModelConfig", "Transformer", "UnsupportedModelError", "compress",
-    "convert", "decode", "forward", "generate", "generate_from_cache", "glimpse", "load", "load_converted",
+    "CheckpointError", "DecodingPress", "KVCache", "LkvError", "ModelConfig", "Transformer", "UnsupportedModelError",
+    "compress", "convert", "decode", "forward", "generate", "generate_from_cache", "glimpse", "load", "load_converted",
     "load_gguf", "load_hf", "prefill", "presses", "save_converted", "save_hf",
 ]

@@ -70,15 +70,21 @@ class KVCache:
 
 
 def write_entries(keys, values, positions, valid, at, k_new, v_new, pos_new, valid_new):
-    """Write T new entries of one layer at slot `at` (a traced int).
+    """Write T new entries of one layer at slot `at`: a traced int (every row), or int32 [B] (each row at its
+    own slot: decoding-time eviction leaves rows with different numbers of entries).
 
     keys/values [B, K, S, H], positions/valid [B, K, S]; k_new/v_new [B, T, K, H];
     pos_new int32 [B, T]; valid_new bool [B, T]. Returns the four updated arrays.
     """
-    K = keys.shape[1]
+    B, T, K, _ = k_new.shape
+    if jnp.ndim(at) == 1:
+        rows, slots = jnp.arange(B)[:, None], at[:, None] + jnp.arange(T)[None]  # [B, 1], [B, T]
+        put = lambda buf, new: buf.at[rows, :, slots].set(new.astype(buf.dtype))  # new [B, T, K, ...]
+        return (put(keys, k_new), put(values, v_new), put(positions, jnp.repeat(pos_new[..., None], K, -1)),
+                put(valid, jnp.repeat(valid_new[..., None], K, -1)))
     k_new = jnp.swapaxes(k_new, 1, 2).astype(keys.dtype)
     v_new = jnp.swapaxes(v_new, 1, 2).astype(values.dtype)
-    p_new = jnp.broadcast_to(pos_new[:, None, :], (pos_new.shape[0], K, pos_new.shape[1]))
+    p_new = jnp.broadcast_to(pos_new[:, None, :], (B, K, T))
     m_new = jnp.broadcast_to(valid_new[:, None, :], p_new.shape)
     upd = jax.lax.dynamic_update_slice_in_dim
     return (upd(keys, k_new, at, axis=2), upd(values, v_new, at, axis=2),

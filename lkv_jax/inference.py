@@ -313,15 +313,28 @@ def glimpse_pure(model: Transformer, cache: KVCache, x, *, reduce: str | None = 
 
 
 def append_pure(model: Transformer, cache: KVCache, x, scoring: QueryHeadScores | KVHeadScores | None = None, *,
-                lora: SuffixLora | None = None, score_mask=None, logits: bool = True) -> GlimpseOutput:
+                lora: SuffixLora | None = None, score_mask=None, logits: bool = True, at=None) -> GlimpseOutput:
     """Write a suffix of embeddings x [B, L, D] into `cache` at its cursor and run it (decoding, SnapKV's
-    window, a lookahead suffix). `scoring` None: no scores (decoding); else as the options say."""
-    return _suffix_pure(model, cache, x, scoring, lora, score_mask, logits, append=True)
+    window, a lookahead suffix). `scoring` None: no scores (decoding); else as the options say. `at` int32
+    [B]: write each row at its own slot instead (decoding-time eviction; the cursor is then meaningless)."""
+    return _suffix_pure(model, cache, x, scoring, lora, score_mask, logits, append=True, at=at)
 
 
-def _suffix_pure(model, cache, x, scoring, lora, score_mask, logits, *, append):
+def replay_pure(model: Transformer, cache: KVCache, ids, positions,
+                scoring: QueryHeadScores | KVHeadScores) -> tuple[jax.Array, ...]:
+    """Re-run tokens the cache already holds (ids / positions int32 [B, R], in order) to recover their
+    queries: each one attends to the entries at or before its position, as when it was decoded if no
+    eviction happened since. Returns their per-layer scores as `scoring` says; the cache is not written.
+    Decoding-time SnapKV and TOVA score with the last generated tokens this way."""
+    return _suffix_pure(model, cache, model.embed_tokens(ids), scoring, None, None, False, append=False,
+                        positions=positions).scores
+
+
+def _suffix_pure(model, cache, x, scoring, lora, score_mask, logits, *, append, at=None, positions=None):
     B, L, _ = x.shape
-    positions = cache.next_position[:, None] + jnp.arange(L)[None]
+    replay = positions is not None
+    if positions is None:
+        positions = cache.next_position[:, None] + jnp.arange(L)[None]
     if score_mask is None:
         score_mask = jnp.ones((B, L), bool)
     inv_freq = model.inv_freq
@@ -333,8 +346,10 @@ def _suffix_pure(model, cache, x, scoring, lora, score_mask, logits, *, append):
         q, k, v = layer.qkv(x, positions, inv_freq, ctx)
         if append:
             keys[l], values[l], poss[l], valids[l] = write_entries(
-                keys[l], values[l], poss[l], valids[l], cache.cursor[l], k, v, positions, jnp.ones((B, L), bool))
-            seen = valids[l][:, :, None, None, :] & (poss[l][:, :, None, None, :] <= positions[:, None, None, :, None])
+                keys[l], values[l], poss[l], valids[l], cache.cursor[l] if at is None else at, k, v, positions,
+                jnp.ones((B, L), bool))
+        # appended or replayed, the suffix's own keys are in the cache: attend by position
+        seen = valids[l][:, :, None, None, :] & (poss[l][:, :, None, None, :] <= positions[:, None, None, :, None])
         if isinstance(scoring, KVHeadScores):
             out, s_l = kv_head_scores(q, positions, keys[l], values[l], poss[l], valids[l], score_mask,
                                       reduce=scoring.reduce, implementation=scoring.implementation,
@@ -342,7 +357,7 @@ def _suffix_pure(model, cache, x, scoring, lora, score_mask, logits, *, append):
         elif scoring is None:  # decoding: no probabilities to return
             out, s_l = cache_attention(q, keys[l], values[l], seen), None
         else:
-            out, p = (attention_with_probs(q, keys[l], values[l], seen) if append else
+            out, p = (attention_with_probs(q, keys[l], values[l], seen) if append or replay else
                       attention_with_probs(q, keys[l], values[l], valids[l][:, :, None, None, :], extra=(k, v, causal)))
             s_l = _reduce_probs(p, score_mask, scoring.reduce)
         layer_scores.append(s_l)

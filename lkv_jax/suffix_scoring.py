@@ -59,6 +59,14 @@ def reduce_gqa(scores, n_kv_heads: int, how: str = "mean"):
     raise ValueError(f"gqa_reduction must be 'mean' or 'max', got {how!r}")
 
 
+def pool_within(scores, mask, pooling: str | None, kernel_size: int, n_kv_heads: int, how: str = "mean"):
+    """Scores [B, N or K, S] zeroed outside `mask` [B, 1 or K, S] (the slots that compete), pooled over slots
+    (`pool_scores`), and reduced per KV head (`reduce_gqa`) if they were per query head: float32 [B, K, S]."""
+    m = jnp.repeat(mask, scores.shape[1] // mask.shape[1], axis=1)
+    pooled = pool_scores(jnp.where(m, scores, 0.0), pooling, kernel_size)
+    return pooled if pooled.shape[1] == n_kv_heads else reduce_gqa(pooled, n_kv_heads, how)
+
+
 def pool_scores(scores, pooling: str | None, kernel_size: int):
     """SnapKV's 1-D pooling along the last (slot) axis, same length out (torch avg_pool1d / max_pool1d with
     padding kernel_size // 2, stride 1). pooling None returns the scores.

@@ -156,6 +156,17 @@ class BasePress:
     def prefill_and_score(self, model, prompt_ids, valid, positions, chunk: int, prefix=None) -> Scored:
         raise NotImplementedError(f"{type(self).__name__} must implement prefill_and_score")
 
+    def decoding_scores(self, model, cache, recent_ids, n_slots: int) -> tuple[tuple, tuple]:
+        """Scores of a cache mid-answer, for decoding-time eviction (`lkv_jax.decoding_press`): per layer
+        float32 scores [B, K, S] over the cache's slots and the protected slots bool [B, K, S]. Entries of
+        a KV head sit in its first slots in position order; slots at and past `n_slots` are scratch (a
+        lookahead suffix may be appended there). recent_ids int32 [B, window]: the last tokens appended,
+        at positions next_position - window ... next_position - 1.
+
+        A press takes part in decoding-time eviction only if its own class defines this (`scores_while_decoding`):
+        a subclass such as PyramidKV or LAQ does not inherit it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot score a cache while decoding")
+
     def layer_budgets(self, n_kept: int, n_prompt: int, n_layers: int) -> list[int]:
         """Entries kept per layer (uniform here; PyramidKV overrides)."""
         return [n_kept] * n_layers
@@ -163,6 +174,11 @@ class BasePress:
     def keep_count(self, n_prompt):
         """Entries kept per row for prompts of n_prompt real tokens (`eviction.keep_count`)."""
         return keep_count(self, n_prompt)
+
+
+def scores_while_decoding(press: BasePress) -> bool:
+    """Whether a press scores a cache mid-answer (defines `decoding_scores` itself)."""
+    return "decoding_scores" in vars(type(press))
 
 
 def accepts_prefix(press: BasePress) -> bool:

@@ -20,3 +20,7 @@ class KnormPress(BasePress):
         scores = tuple(-jnp.linalg.norm(k.astype(jnp.float32), axis=-1) for k in cache.keys)
         protected = tuple(jnp.zeros_like(v) for v in cache.valid)
         return Scored(cache=cache, logits=logits, scores=scores, protected=protected)
+
+    def decoding_scores(self, model, cache, recent_ids, n_slots):
+        scores = tuple(-jnp.linalg.norm(k.astype(jnp.float32), axis=-1) for k in cache.keys)
+        return scores, tuple(jnp.zeros_like(v) for v in cache.valid)

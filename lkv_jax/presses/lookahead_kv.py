@@ -18,7 +18,7 @@ from lkv_jax.lookahead.adapter import LookaheadAdapter
 from lkv_jax.lookahead.scoring import lookahead_append
 from lkv_jax.presses.base import BasePress, Scored, register_press
 from lkv_jax.presses.window import check_pooling
-from lkv_jax.suffix_scoring import pool_scores, reduce_gqa
+from lkv_jax.suffix_scoring import pool_within
 
 
 @register_press
@@ -63,20 +63,35 @@ class LookaheadKVPress(BasePress):
         T = prompt_ids.shape[1]
         cache, logits = prefill_pure(model, prompt_ids, valid, positions, chunk=chunk, prefix=prefix,
                                      capacity=T + adapter.n_lookahead)
-        # the GQA mean commutes with no pooling and with average pooling, so then the score-and-evict op
-        # (Pallas on GPU/TPU) reduces over the group itself; max reductions / max pooling stay per head
-        kv = self.gqa_reduction == "mean" and self.pooling in (None, "avg")
+        kv = self._kv_scoring
         g = lookahead_append(model, cache, adapter, self.scoring(kv_heads=kv))
-        K = model.config.num_key_value_heads
-        scores, protected = [], []
-        for l, s in enumerate(g.scores):
-            # only prompt tokens compete: zero the padding and the lookahead's own slots before pooling
-            prompt_slot = cache.valid[l][:, :1] & (jnp.arange(s.shape[-1]) < T)
-            s = pool_scores(jnp.where(prompt_slot, s, 0.0), self.pooling, int(self.kernel_size))
-            scores.append(s if kv else reduce_gqa(s, K, self.gqa_reduction))
-            protected.append(jnp.zeros(scores[-1].shape, bool))
+        # only prompt tokens compete: the padding and the lookahead's own slots count as zeros in the pooling
+        masks = [v[:, :1] & (jnp.arange(v.shape[-1]) < T) for v in cache.valid]
+        scores = self._reduce(model, g.scores, masks)
+        protected = tuple(jnp.zeros(s.shape, bool) for s in scores)
         # decoding continues right after the prompt (the paper: the lookahead tokens are dropped), not after
         # the lookahead suffix the glimpse appended: otherwise every generated token sits n_lookahead
         # positions too far
         cache = dataclasses.replace(g.cache, next_position=cache.next_position)
-        return Scored(cache=cache, logits=logits, scores=tuple(scores), protected=tuple(protected))
+        return Scored(cache=cache, logits=logits, scores=scores, protected=protected)
+
+    def decoding_scores(self, model, cache, recent_ids, n_slots):
+        # the lookahead suffix goes into the scratch slots past the cache's entries, its positions right
+        # after the last token: the same glimpse as after a prompt, over whatever the cache holds now
+        kv = self._kv_scoring
+        g = lookahead_append(model, dataclasses.replace(cache, cursor=jnp.full_like(cache.cursor, n_slots)),
+                             self.adapter, self.scoring(kv_heads=kv))
+        masks = [v & (jnp.arange(v.shape[-1]) < n_slots) for v in cache.valid]
+        scores = self._reduce(model, g.scores, masks)
+        return scores, tuple(jnp.zeros(s.shape, bool) for s in scores)
+
+    @property
+    def _kv_scoring(self) -> bool:
+        """The GQA mean commutes with no pooling and with average pooling, so then the score-and-evict op (Pallas
+        on GPU/TPU) reduces over the group itself; max reductions / max pooling stay per query head."""
+        return self.gqa_reduction == "mean" and self.pooling in (None, "avg")
+
+    def _reduce(self, model, raw, masks) -> tuple:
+        K = model.config.num_key_value_heads
+        return tuple(pool_within(s, m, self.pooling, int(self.kernel_size), K, self.gqa_reduction)
+                     for s, m in zip(raw, masks, strict=True))

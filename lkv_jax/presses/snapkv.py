@@ -13,9 +13,10 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from lkv_jax.inference import replay_pure
 from lkv_jax.presses.base import BasePress, Scored, register_press
 from lkv_jax.presses.window import check_pooling, check_window_rows, pool_before_window, prefill_with_window
-from lkv_jax.suffix_scoring import reduce_gqa
+from lkv_jax.suffix_scoring import pool_within, reduce_gqa
 
 
 @register_press
@@ -77,3 +78,16 @@ class SnapKVPress(BasePress):
     def prefill_and_score(self, model, prompt_ids, valid, positions, chunk, prefix=None):
         cache, logits, scores, protected = self.window_scores(model, prompt_ids, valid, positions, chunk, prefix)
         return Scored(cache=cache, logits=logits, scores=scores, protected=protected)
+
+    def decoding_scores(self, model, cache, recent_ids, n_slots):
+        """The window is the last `window_size` generated tokens, re-run to recover their queries; the other
+        entries are pooled in slot order (position order) as the prompt's are."""
+        w = self.window_size
+        first = cache.next_position[:, None] - w
+        raw = replay_pure(model, cache, recent_ids[:, -w:], first + jnp.arange(w)[None],
+                          self.scoring(kv_heads=self.pooling == "avg"))
+        K = model.config.num_key_value_heads
+        window = tuple(v & (p >= first[:, :, None]) for v, p in zip(cache.valid, cache.positions, strict=True))
+        before = [v & ~win & (jnp.arange(v.shape[-1]) < n_slots) for v, win in zip(cache.valid, window, strict=True)]
+        scores = tuple(pool_within(s, m, self.pooling, self.kernel_size, K) for s, m in zip(raw, before, strict=True))
+        return scores, window

@@ -27,3 +27,7 @@ class StreamingLLMPress(BasePress):
         scores = tuple(pos for _ in range(cache.n_layers))  # later is better
         protected = tuple((p >= 0) & (p < self.n_sink) for p in cache.positions)
         return Scored(cache=cache, logits=logits, scores=scores, protected=protected)
+
+    def decoding_scores(self, model, cache, recent_ids, n_slots):
+        scores = tuple(p.astype(jnp.float32) for p in cache.positions)
+        return scores, tuple(v & (p < self.n_sink) for v, p in zip(cache.valid, cache.positions, strict=True))
