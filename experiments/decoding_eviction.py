@@ -386,18 +386,12 @@ def paired(cells: dict, tasks, peaks: dict) -> list[dict]:
 # cost
 
 
-def _median_ms(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(1000.0 * (time.perf_counter() - t))
-    return times
-
-
 def compiled_memory(fn, *args) -> dict | None:
     """The compiled program's memory (`jax.jit(...).lower(...).compile().memory_analysis()`): arguments,
-    outputs, temporaries and their sum less aliased bytes, in bytes (None where the backend gives none)."""
+    outputs, temporaries and their sum less aliased bytes, in bytes (None where the backend gives none);
+    args[0] are the parameters, whose bytes are reported apart."""
+    import jax
+
     try:
         stats = fn.lower(*args).compile().memory_analysis()
     except Exception as e:  # noqa: BLE001 -- a backend without the analysis: report why, keep the run
@@ -409,21 +403,37 @@ def compiled_memory(fn, *args) -> dict | None:
     out = {k: int(getattr(stats, k, 0) or 0) for k in keys}
     out["peak_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"] + out["temp_size_in_bytes"]
                          - out["alias_size_in_bytes"])
+    # the model's weights are an argument of every configuration: what the cache and the loop add is the rest
+    params = sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(args[0]))
+    out["params_bytes"] = params
+    out["peak_minus_params_bytes"] = out["peak_bytes"] - params
     return out
+
+
+@dataclasses.dataclass
+class _Loop:
+    """One configuration of the cost measurement: the jitted decode loop, a function making its arguments
+    afresh (the evicting loop donates its cache), and the cache slots it holds (per layer and KV head)."""
+
+    fn: object
+    make_args: object
+    capacity: int
 
 
 def measure_cost(model, task, plan: Plan, adapter, budget: int, log) -> dict:
     """Per generated token, one prompt: decoding `cost_new_tokens` tokens (no EOS) from the prompt compressed
     by LookaheadKV to `budget`, without decoding-time eviction (the cache grows to budget + n) and with it at
-    each of the plan's intervals (LookaheadKV and SnapKV scorers); the full cache as a reference. Warm-up
-    call first (compilation excluded), then repeats alternating between the configurations; medians."""
+    each of the plan's intervals (LookaheadKV and SnapKV scorers); the full cache as a reference. Only the
+    jitted decode loop is timed (its arguments are made before the clock starts): a warm-up call each
+    (compilation excluded), then `cost_repeats` rounds alternating between the configurations; medians."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
-    import lkv_jax
     from lkv_jax.compression import compress
-    from lkv_jax.decoding import generate_from_cache, jitted_greedy_loop
+    from lkv_jax.decoding import jitted_greedy_loop
+    from lkv_jax.decoding_press import jitted_evicting_loop, pack
     from lkv_jax.inference import prefill
     from lkv_jax.sharding import entry_mesh
 
@@ -431,74 +441,57 @@ def measure_cost(model, task, plan: Plan, adapter, budget: int, log) -> dict:
     sample = max(task.samples, key=lambda s: len(s.prompt_ids))
     ids = np.asarray(sample.prompt_ids, np.int32)[None]
     config = model.config
-    model.config.check_length(ids.shape[1] + n)
+    config.check_length(ids.shape[1] + n + 64)
+    graphdef, params = nnx.split(model)
+    mesh = entry_mesh(model, None, batch=1)
+    plain = jitted_greedy_loop(graphdef, params, mesh, max_new_tokens=n, eos=(), pad=0)
+    evicting = jitted_evicting_loop(graphdef, params, mesh, max_new_tokens=n, eos=(), pad=0)
     full_cache, full_logits = prefill(model, ids, extra_capacity=n - 1)
-    press = make_press("lookaheadkv", budget, plan, adapter)
-    comp = compress(model, ids, press)
-    grown = comp.cache.grow(n - 1)
-
-    def plain(cache, logits):
-        return lambda: generate_from_cache(model, cache, logits, n, eos_token_id=())
-
-    configs = {"fullkv": (plain(full_cache, full_logits), ids.shape[1] + n - 1),
-               "prefill-only": (plain(grown, comp.logits), budget + n - 1)}
+    comp = {"lookaheadkv": compress(model, ids, make_press("lookaheadkv", budget, plan, adapter))}
+    grown = comp["lookaheadkv"].cache.grow(n - 1)
+    loops = {"fullkv": _Loop(plain, lambda: (params, full_cache, full_logits), ids.shape[1] + n - 1),
+             "prefill-only": _Loop(plain, lambda: (params, grown, comp["lookaheadkv"].logits), budget + n - 1)}
     for N in plan.cost_intervals:
         for scorer in ("lookaheadkv", "snapkv"):
             if scorer == "snapkv" and plan.snapkv_window > N:
                 continue
             sc = make_press(scorer, budget, plan, adapter)
-            base = comp if scorer == "lookaheadkv" else compress(model, ids, sc)
+            if scorer not in comp:
+                comp[scorer] = compress(model, ids, sc)
             dp = decoding_press(sc, budget, N, plan.keep_recent)
-            configs[f"decode-{scorer} N={N}"] = (
-                (lambda c=base, d=dp: generate_from_cache(model, c.cache, c.logits, n, eos_token_id=(),
-                                                          decoding_press=d)),
-                budget + N)
-    times: dict[str, list[float]] = {k: [] for k in configs}
-    for name, (fn, _) in configs.items():
-        fn()  # compile
-        log(f"cost: {name} warm")
+
+            def make(dp=dp, c=comp[scorer]):
+                # the loop donates its cache: a copy, so that no buffer of the compressed cache is deleted
+                cache, fill = pack(jax.tree.map(jnp.copy, c.cache), dp.slots)
+                return params, dp, cache, jnp.asarray(fill, jnp.int32), c.logits
+
+            loops[f"decode-{scorer} N={N}"] = _Loop(evicting, make, dp.slots)
+    times: dict[str, list[float]] = {k: [] for k in loops}
+
+    def timed(loop: _Loop) -> float:
+        args = loop.make_args()
+        jax.block_until_ready(args)
+        t = time.perf_counter()
+        jax.block_until_ready(loop.fn(*args))
+        return 1000.0 * (time.perf_counter() - t)
+
+    for name, loop in loops.items():
+        timed(loop)  # compile
+        log(f"cost: {name} compiled")
     for _ in range(plan.cost_repeats):
-        for name, (fn, _) in configs.items():
-            times[name] += _median_ms(fn, 1)
+        for name, loop in loops.items():  # alternating: a change of load hits every configuration alike
+            times[name].append(timed(loop))
     rows = {}
-    for name, (_, capacity) in configs.items():
+    for name, loop in loops.items():
         ms = statistics.median(times[name])
-        rows[name] = {"ms_per_token": ms / n, "ms_total_median": ms, "ms_all": times[name], "cache_capacity": capacity,
-                      "cache_bytes": cache_bytes(config, capacity)}
+        rows[name] = {"ms_per_token": ms / n, "ms_total_median": ms, "ms_all": times[name],
+                      "cache_capacity": loop.capacity, "cache_bytes": cache_bytes(config, loop.capacity),
+                      "compiled_memory": compiled_memory(loop.fn, *loop.make_args())}
     base_ms = rows["prefill-only"]["ms_per_token"]
     for r in rows.values():
         r["ratio_to_prefill_only"] = r["ms_per_token"] / base_ms
-    # the compiled loops' memory: the plain loop from its entry point, the evicting one through its own jit
-    graphdef, params = nnx.split(model)
-    mesh = entry_mesh(model, None, batch=1)
-    loop = jitted_greedy_loop(graphdef, params, mesh, max_new_tokens=n, eos=(), pad=0)
-    rows["prefill-only"]["compiled_memory"] = compiled_memory(loop, params, grown, comp.logits)
-    rows["fullkv"]["compiled_memory"] = compiled_memory(loop, params, full_cache, full_logits)
-    for name in configs:
-        if name.startswith("decode-"):
-            rows[name]["compiled_memory"] = decode_loop_memory(model, comp, configs, name, n, plan, adapter, budget)
-    jax.block_until_ready(jax.numpy.zeros(()))
     return {"task": task.name, "n_prompt": int(ids.shape[1]), "new_tokens": n, "budget": budget, "batch": 1,
-            "repeats": plan.cost_repeats, "rows": rows, "platform": jax.default_backend(),
-            "lkv_version": getattr(lkv_jax, "__version__", None)}
-
-
-def decode_loop_memory(model, comp, configs, name: str, n: int, plan: Plan, adapter, budget: int) -> dict | None:
-    """The compiled decoding-time eviction loop's memory analysis, through `decoding_press`'s jitted entry
-    point when it exposes one (`jitted_decode_evicting`), else None."""
-    import lkv_jax.decoding_press as dpm
-
-    builder = getattr(dpm, "jitted_decode_evicting", None)
-    if builder is None:
-        return None
-    scorer_name = name.split()[0].removeprefix("decode-")
-    N = int(name.split("N=")[1])
-    sc = make_press(scorer_name, budget, plan, adapter)
-    try:
-        fn, args = builder(model, comp.cache, comp.logits, n, decoding_press(sc, budget, N, plan.keep_recent))
-    except TypeError:
-        return None
-    return compiled_memory(fn, *args)
+            "repeats": plan.cost_repeats, "rows": rows, "platform": jax.default_backend()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -585,11 +578,12 @@ def write_markdown(result: dict, path: Path) -> Path:
                      f"{cost['new_tokens']} new tokens, B = {cost['budget']}, median of {cost['repeats']}, "
                      f"{cost['platform']})\n")
         lines.append("| configuration | ms / token | vs prefill-only | cache capacity | cache MiB "
-                     "| compiled loop MiB |")
+                     "| compiled loop MiB (weights excluded) |")
         lines.append("| --- | --- | --- | --- | --- | --- |")
         for name, r in cost["rows"].items():
             mem = r.get("compiled_memory")
-            mem_s = f"{mem['peak_bytes'] / 2**20:.1f}" if isinstance(mem, dict) and "peak_bytes" in mem else "-"
+            mem_s = (f"{mem['peak_minus_params_bytes'] / 2**20:.2f}" if isinstance(mem, dict) and "peak_bytes" in mem
+                     else "-")
             lines.append(f"| {name} | {r['ms_per_token']:.2f} | {100 * (r['ratio_to_prefill_only'] - 1):+.1f}% | "
                          f"{r['cache_capacity']} | {r['cache_bytes'] / 2**20:.2f} | {mem_s} |")
         lines.append("")
@@ -627,6 +621,9 @@ def main(argv=None) -> int:
     ap.add_argument("--summary-new-tokens", type=int, default=None, help="max_new_tokens of the summary task")
     ap.add_argument("--cost-new-tokens", type=int, default=None)
     ap.add_argument("--cost-repeats", type=int, default=None)
+    ap.add_argument("--methods", default=None,
+                    help="comma separated methods besides fullkv (default: all of "
+                         + ", ".join(m.name for m in METHODS) + ")")
     ap.add_argument("--no-cost", action="store_true", help="skip the cost measurement")
     ap.add_argument("--stage", choices=("all", "adapter"), default="all",
                     help="adapter: only train the tiny target's adapter (OUT/adapter) and stop")
@@ -656,6 +653,13 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[decoding] {msg}  ({time.perf_counter() - t0:.0f}s)", flush=True)
 
+    methods = METHODS
+    if args.methods:
+        known = {m.name: m for m in METHODS}
+        unknown = [m for m in args.methods.split(",") if m not in known]
+        if unknown:
+            ap.error(f"unknown methods {unknown}; known: {', '.join(known)}")
+        methods = tuple(known[m] for m in args.methods.split(","))
     model, tokens, model_dir = load_model(args.model, out, args.model_dir)
     if args.adapter:
         adapter, adapter_name = load_adapter(args.adapter, model.config), args.adapter
@@ -669,7 +673,7 @@ def main(argv=None) -> int:
     tasks = build_tasks(args.model, plan, tokens)
     model_fp, adapter_fp = model_fingerprint(model), adapter_fingerprint(adapter)
     model_name = "quick" if args.quick else args.model
-    n_cells = len(tasks) * (1 + len(plan.fractions if not args.budgets else args.budgets.split(",")) * len(METHODS))
+    n_cells = len(tasks) * (1 + len(plan.fractions if not args.budgets else args.budgets.split(",")) * len(methods))
     bar = tqdm(total=sum(len(t.samples) for t in tasks) * n_cells // len(tasks), desc="decoding eval", unit="sample")
     cells: dict[tuple, dict] = {}
     aggs, task_info, peaks = [], [], {}
@@ -688,7 +692,7 @@ def main(argv=None) -> int:
                           "budgets": budgets, "peaks": peaks[task.name], "n_samples": len(task.samples)})
         log(f"{task.name}: final length {final:.0f}, budgets {budgets}, peaks {peaks[task.name]}")
         for peak in peaks[task.name]:
-            for method in METHODS:
+            for method in methods:
                 if method.kind == "prefill" and peak - task.max_new_tokens < 1:
                     bar.update(len(task.samples))
                     continue
