@@ -104,7 +104,7 @@ def test_decoding_eviction_quick_run(tmp_path):
         for r in cell["samples"]:  # budget 512 > prompt + answer: the full cache's own answer
             assert r["prediction"] == full[r["id"]]["prediction"], key
             assert r["divergence_tokens"] == r["full_answer_tokens"] > 0, key
-            assert r["agreement_rouge_l"] == 1.0, key
+            assert r["agreement_rouge_l"] == pytest.approx(1.0, abs=1e-6), key  # ROUGE-L F has a 1e-8 guard
     rows = result["cost"]["rows"]
     assert {"fullkv", "prefill-only", "decode-lookaheadkv N=8", "decode-snapkv N=8"} <= set(rows)
     assert all(r["ms_per_token"] > 0 for r in rows.values())
