@@ -271,9 +271,10 @@ def cell_path(out: Path, model_name: str, task_name: str, method: Method, peak: 
 
 
 def run_cell(model, task, plan: Plan, method: Method, peak: int | None, adapter, *, out: Path, model_name: str,
-             fingerprint: dict, full: dict | None, progress) -> dict:
+             fingerprint: dict, full: dict | None, progress, report_only: bool = False) -> dict | None:
     """One (task, method, peak) cell, read back when its JSON holds the same inputs. `full`: the task's full
-    cache cell (None for the full cache itself), the reference of the agreement metrics."""
+    cache cell (None for the full cache itself), the reference of the agreement metrics. report_only: None
+    instead of computing a missing cell."""
     path = cell_path(out, model_name, task.name, method, peak)
     interval = plan.interval
     fp = {**fingerprint, "method": method.name, "peak": peak,
@@ -288,6 +289,9 @@ def run_cell(model, task, plan: Plan, method: Method, peak: int | None, adapter,
         if cell.get("complete") and all(cell.get(k) == v for k, v in fp.items()):
             progress.update(len(task.samples))
             return cell
+    if report_only:
+        progress.update(len(task.samples))
+        return None
     progress.set_postfix_str(f"{task.name} {method.name} P={peak}", refresh=True)
     full_by_id = {r["id"]: r for r in full["samples"]} if full is not None else None
     records = []
@@ -625,6 +629,9 @@ def main(argv=None) -> int:
                     help="comma separated methods besides fullkv (default: all of "
                          + ", ".join(m.name for m in METHODS) + ")")
     ap.add_argument("--no-cost", action="store_true", help="skip the cost measurement")
+    ap.add_argument("--report-only", action="store_true",
+                    help="write results.json/md and the plot from the cells already computed (and the cost file "
+                         "if there is one); compute nothing but the full-cache cells")
     ap.add_argument("--stage", choices=("all", "adapter"), default="all",
                     help="adapter: only train the tiny target's adapter (OUT/adapter) and stop")
     args = ap.parse_args(argv)
@@ -677,28 +684,40 @@ def main(argv=None) -> int:
     bar = tqdm(total=sum(len(t.samples) for t in tasks) * n_cells // len(tasks), desc="decoding eval", unit="sample")
     cells: dict[tuple, dict] = {}
     aggs, task_info, peaks = [], [], {}
-    for task in tasks:
-        fp = {"task_fingerprint": task_fingerprint(task), "model_fingerprint": model_fp,
-              "adapter_fingerprint": adapter_fp, "results_version": RESULTS_VERSION}
-        full = score_cell(run_cell(model, task, plan, FULL, None, adapter, out=out, model_name=model_name,
-                                   fingerprint=fp, full=None, progress=bar), task, None)
+    fps = {task.name: {"task_fingerprint": task_fingerprint(task), "model_fingerprint": model_fp,
+                       "adapter_fingerprint": adapter_fp, "results_version": RESULTS_VERSION} for task in tasks}
+    fulls, budgets = {}, {}
+    for task in tasks:  # the full cache first: its answers are the references, its length sets the budgets
+        full = run_cell(model, task, plan, FULL, None, adapter, out=out, model_name=model_name,
+                        fingerprint=fps[task.name], full=None, progress=bar, report_only=False)
+        fulls[task.name] = full = score_cell(full, task, None)
         cells[(task.name, "fullkv", None)] = full
         aggs.append(aggregate(full, task.name, model.config))
         final = aggs[-1]["peak_entries"]
-        budgets = ([int(b) for b in args.budgets.split(",")] if args.budgets
-                   else budgets_for(final, plan.fractions, plan.interval))
-        peaks[task.name] = [b + plan.interval for b in budgets]
+        budgets[task.name] = ([int(b) for b in args.budgets.split(",")] if args.budgets
+                              else budgets_for(final, plan.fractions, plan.interval))
+        peaks[task.name] = [b + plan.interval for b in budgets[task.name]]
         task_info.append({"name": task.name, "max_new_tokens": task.max_new_tokens, "final_length": final,
-                          "budgets": budgets, "peaks": peaks[task.name], "n_samples": len(task.samples)})
-        log(f"{task.name}: final length {final:.0f}, budgets {budgets}, peaks {peaks[task.name]}")
-        for peak in peaks[task.name]:
+                          "budgets": budgets[task.name], "peaks": peaks[task.name], "n_samples": len(task.samples)})
+        log(f"{task.name}: final length {final:.0f}, budgets {budgets[task.name]}, peaks {peaks[task.name]}")
+    # the middle budget (a quarter of the final length by default) of every task first, then its neighbours:
+    # a run stopped early has the issue's headline comparison
+    n_b = max(len(b) for b in budgets.values())
+    for i in sorted(range(n_b), key=lambda i: (abs(i - n_b // 2), i)):
+        for task in tasks:
+            if i >= len(peaks[task.name]):
+                continue
+            peak = peaks[task.name][i]
             for method in methods:
                 if method.kind == "prefill" and peak - task.max_new_tokens < 1:
                     bar.update(len(task.samples))
                     continue
                 cell = run_cell(model, task, plan, method, peak, adapter, out=out, model_name=model_name,
-                                fingerprint=fp, full=full, progress=bar)
-                cell = score_cell(cell, task, full)
+                                fingerprint=fps[task.name], full=fulls[task.name], progress=bar,
+                                report_only=args.report_only)
+                if cell is None:
+                    continue
+                cell = score_cell(cell, task, fulls[task.name])
                 cells[(task.name, method.name, peak)] = cell
                 aggs.append(aggregate(cell, task.name, model.config))
     bar.close()
@@ -708,15 +727,16 @@ def main(argv=None) -> int:
               "cells": {f"{k[0]}|{k[1]}|{k[2]}": {kk: v for kk, v in c.items() if kk != "samples"} | {
                   "samples": [{kk: v for kk, v in r.items() if kk != "generated_ids"} for r in c["samples"]]}
                   for k, c in cells.items()}}
-    if not args.no_cost:
+    if not args.no_cost or args.report_only:
         cost_path = out / f"cost-{model_name}.json"
         cost_key = hashlib.sha1(json.dumps([model_fp, adapter_fp, dataclasses.asdict(plan)]).encode()).hexdigest()[:16]
         cost = json.loads(cost_path.read_text()) if cost_path.is_file() else None
-        if cost is None or cost.get("key") != cost_key:
+        if (cost is None or cost.get("key") != cost_key) and not args.report_only:
             budget = task_info[0]["budgets"][len(task_info[0]["budgets"]) // 2]  # the middle budget (~1/4)
             cost = {"key": cost_key, **measure_cost(model, tasks[0], plan, adapter, budget, log)}
             cost_path.write_text(json.dumps(cost, indent=1) + "\n")
-        result["cost"] = cost
+        if cost is not None:
+            result["cost"] = cost
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     write_markdown(result, out / "results.md")
     write_plot(aggs, tasks, out / "scores.png")
