@@ -81,7 +81,7 @@ PLANS = {
     # tiny target: answers of 40-90 tokens after 512-token contexts (it copies no long record list: asked to
     # repeat 30 records it agreed with them for 0-8 words), so N is small enough to evict several times per answer
     "tiny": Plan(tasks=("tag_list", "tag_list.n_items=12"), length=512, samples=24, batch_size=8, interval=16,
-                 snapkv_window=8, cost_intervals=(64, 256), cost_new_tokens=512, cost_repeats=5),
+                 snapkv_window=8, cost_intervals=(64, 256), cost_new_tokens=512, cost_repeats=7),
     "smollm2": Plan(tasks=("summary", "niah_multivalue"), length=2048, samples=8, batch_size=4, interval=64,
                     snapkv_window=64, cost_new_tokens=512, cost_repeats=3),
     "quick": Plan(tasks=("tag_list",), length=128, samples=2, batch_size=2, fractions=(0.25,), interval=8,
@@ -429,7 +429,8 @@ def measure_cost(model, task, plan: Plan, adapter, budget: int, log) -> dict:
     by LookaheadKV to `budget`, without decoding-time eviction (the cache grows to budget + n) and with it at
     each of the plan's intervals (LookaheadKV and SnapKV scorers); the full cache as a reference. Only the
     jitted decode loop is timed (its arguments are made before the clock starts): a warm-up call each
-    (compilation excluded), then `cost_repeats` rounds alternating between the configurations; medians."""
+    (compilation excluded), then `cost_repeats` rounds alternating between the configurations; the best of
+    them (and the median)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -487,8 +488,11 @@ def measure_cost(model, task, plan: Plan, adapter, budget: int, log) -> dict:
             times[name].append(timed(loop))
     rows = {}
     for name, loop in loops.items():
-        ms = statistics.median(times[name])
-        rows[name] = {"ms_per_token": ms / n, "ms_total_median": ms, "ms_all": times[name],
+        # the best of the repeats, as the evaluation runner times its overhead: on a shared machine the other
+        # load only ever adds time, so the minimum is the least disturbed estimate (the median is kept too)
+        ms = min(times[name])
+        rows[name] = {"ms_per_token": ms / n, "ms_per_token_median": statistics.median(times[name]) / n,
+                      "ms_all": times[name],
                       "cache_capacity": loop.capacity, "cache_bytes": cache_bytes(config, loop.capacity),
                       "compiled_memory": compiled_memory(loop.fn, *loop.make_args())}
     base_ms = rows["prefill-only"]["ms_per_token"]
@@ -579,16 +583,17 @@ def write_markdown(result: dict, path: Path) -> Path:
     cost = result.get("cost")
     if cost:
         lines.append(f"## Cost per generated token ({cost['task']}, one prompt of {cost['n_prompt']} tokens, "
-                     f"{cost['new_tokens']} new tokens, B = {cost['budget']}, median of {cost['repeats']}, "
+                     f"{cost['new_tokens']} new tokens, B = {cost['budget']}, best of {cost['repeats']}, "
                      f"{cost['platform']})\n")
-        lines.append("| configuration | ms / token | vs prefill-only | cache capacity | cache MiB "
+        lines.append("| configuration | ms / token | (median) | vs prefill-only | cache slots | cache MiB "
                      "| compiled loop MiB (weights excluded) |")
-        lines.append("| --- | --- | --- | --- | --- | --- |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- |")
         for name, r in cost["rows"].items():
             mem = r.get("compiled_memory")
             mem_s = (f"{mem['peak_minus_params_bytes'] / 2**20:.2f}" if isinstance(mem, dict) and "peak_bytes" in mem
                      else "-")
-            lines.append(f"| {name} | {r['ms_per_token']:.2f} | {100 * (r['ratio_to_prefill_only'] - 1):+.1f}% | "
+            lines.append(f"| {name} | {r['ms_per_token']:.3f} | {r['ms_per_token_median']:.3f} | "
+                         f"{100 * (r['ratio_to_prefill_only'] - 1):+.1f}% | "
                          f"{r['cache_capacity']} | {r['cache_bytes'] / 2**20:.2f} | {mem_s} |")
         lines.append("")
     path.write_text("\n".join(lines))
