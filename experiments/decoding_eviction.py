@@ -546,7 +546,9 @@ def write_markdown(result: dict, path: Path) -> Path:
     lines.append(f"Adapter: {result['adapter']}. Interval N = {result['plan']['interval']} (quality runs); "
                  f"budgets B = {', '.join(str(f) for f in result['plan']['fractions'])} of the final length; "
                  f"peak P = B + N for decode-*, the prompt press keeps P - max_new_tokens for prefill-*. "
-                 f"{result['plan']['samples']} samples per task; 95% bootstrap intervals.\n")
+                 f"{result['plan']['samples']} samples per task; 95% bootstrap intervals. decode-lookaheadkv's "
+                 f"cache also allocates {result['lookahead_scratch_slots']} scratch slots for its glimpse (empty "
+                 f"between evictions; counted in the cost table's slots, not in P).\n")
     for task in result["tasks"]:
         rows = [a for a in aggs if a["task"] == task["name"]]
         peaks = sorted({a["peak"] for a in rows if a["peak"] is not None})
@@ -727,7 +729,9 @@ def main(argv=None) -> int:
                 aggs.append(aggregate(cell, task.name, model.config))
     bar.close()
     result = {"model": args.model if not args.quick else "tiny (quick)", "model_dir": str(model_dir),
-              "adapter": adapter_name, "plan": dataclasses.asdict(plan), "tasks": task_info, "aggregates": aggs,
+              "adapter": adapter_name,
+              "lookahead_scratch_slots": make_press("lookaheadkv", 64, plan, adapter).suffix_slots,
+              "plan": dataclasses.asdict(plan), "tasks": task_info, "aggregates": aggs,
               "paired": paired(cells, tasks, peaks),
               "cells": {f"{k[0]}|{k[1]}|{k[2]}": {kk: v for kk, v in c.items() if kk != "samples"} | {
                   "samples": [{kk: v for kk, v in r.items() if kk != "generated_ids"} for r in c["samples"]]}
