@@ -108,5 +108,8 @@ def test_decoding_eviction_quick_run(tmp_path):
     rows = result["cost"]["rows"]
     assert {"fullkv", "prefill-only", "decode-lookaheadkv N=8", "decode-snapkv N=8"} <= set(rows)
     assert all(r["ms_per_token"] > 0 for r in rows.values())
-    # the cache bytes: capacity x layers (4) x 2 x KV heads (2) x head dim (32) x 4 bytes
-    assert rows["decode-lookaheadkv N=8"]["cache_bytes"] == (48 + 8) * 4 * 2 * 2 * 32 * 4
+    # the cache bytes: slots x layers (4) x 2 x KV heads (2) x head dim (32) x 4 bytes; slots B + N, and for
+    # LookaheadKV its 4 lookahead tokens' scratch (the --quick adapter's)
+    B = result["cost"]["budget"]
+    assert rows["decode-snapkv N=8"]["cache_bytes"] == (B + 8) * 4 * 2 * 2 * 32 * 4
+    assert rows["decode-lookaheadkv N=8"]["cache_bytes"] == (B + 8 + 4) * 4 * 2 * 2 * 32 * 4
