@@ -236,6 +236,24 @@ def _batches(samples, batch_size: int):
     return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def buildable(method: Method, peak: int, task, plan: Plan, adapter) -> bool:
+    """Whether the method exists at this peak: a prefill-only budget P - max_new_tokens of at least 1 that
+    holds the press's protected entries (SnapKV's window), a decoding budget P - N that holds them plus
+    keep_recent (`BudgetError` otherwise)."""
+    from lkv_jax.errors import BudgetError
+
+    budget = peak - (task.max_new_tokens if method.kind == "prefill" else plan.interval)
+    if budget < 1:
+        return False
+    try:
+        press = make_press(method.press, budget, plan, adapter)
+        if method.kind == "decode":
+            decoding_press(press, budget, plan.interval, plan.keep_recent)
+    except BudgetError:
+        return False
+    return True
+
+
 def generate_batch(model, task, batch, plan: Plan, method: Method, peak: int | None, adapter, interval: int):
     """Greedy answers [len(batch)] (token lists, EOS kept) of one batch under `method` at `peak`."""
     import numpy as np
@@ -716,7 +734,9 @@ def main(argv=None) -> int:
                 continue
             peak = peaks[task.name][i]
             for method in methods:
-                if method.kind == "prefill" and peak - task.max_new_tokens < 1:
+                if not buildable(method, peak, task, plan, adapter):
+                    bar.write(f"[decoding] skipping {task.name} {method.name} at P={peak}: its budget cannot hold "
+                              "what the press always keeps")
                     bar.update(len(task.samples))
                     continue
                 cell = run_cell(model, task, plan, method, peak, adapter, out=out, model_name=model_name,
