@@ -2,9 +2,13 @@
 what the rest of a long answer needs better than the other scorers, at the same peak cache size, and what
 does it cost per generated token?
 
-    .venv/bin/python experiments/decoding_eviction.py --model tiny      # the tiny target (minutes)
-    .venv/bin/python experiments/decoding_eviction.py --model smollm2   # SmolLM2-135M-Instruct (30-40 min)
-    .venv/bin/python experiments/decoding_eviction.py --quick           # a smoke run (seconds)
+    .venv/bin/python experiments/decoding_eviction.py --model tiny      # the tiny target
+    .venv/bin/python experiments/decoding_eviction.py --model smollm2   # SmolLM2-135M-Instruct
+    .venv/bin/python experiments/decoding_eviction.py --quick           # a smoke run
+    ... --report-only                                                   # tables and plot of the cells so far
+
+Measured on 2 CPU cores shared with other jobs (load average 7-10): tiny 18 min (adapter 3, evaluation 12,
+cost 3); SmolLM2 about 2 hours; --quick 1 min of CPU (4-5 min of wall time under that load).
 
 Methods, all at the same peak cache size P (entries per layer and KV head):
   fullkv                the full cache (its peak is the prompt plus the answer);
