@@ -13,7 +13,7 @@ from lkv_jax.evaluation.ablation import plot_ablation, summary_table
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["demo.py", "ablate_lookahead_tokens.py", "ablate_lora_targets.py", "train_lookahead.py", "eval.py",
            "train_tiny_target.py", "run_config.py", "launch_tpu_vm.py", "bench_prefill.py", "bench_presses.py",
-           "bench_lookahead.py", "bench_kernel.py", "midanswer_prediction.py"]
+           "bench_lookahead.py", "bench_kernel.py", "midanswer_prediction.py", "decoding_eviction.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -70,3 +70,46 @@ def test_ablation_refuses_an_unknown_reference_before_training(tmp_path):
         run_ablation(None, tmp_path / "labels", {"n=1": {"n_lookahead": 1}}, [], base_train={}, budgets=[32],
                      out_dir=tmp_path / "out", title="t", reference="n=32")
     assert not (tmp_path / "out").exists()
+
+
+def test_decoding_eviction_quick_run(tmp_path):
+    """The decoding-time eviction script end to end on the tiny target: every cell, aggregate and paired
+    difference is written, and at a budget above prompt + answer every method reproduces the full cache's
+    answer token for token (the issue's semantics), which the agreement metrics must then report."""
+    import json
+
+    out = tmp_path / "dec"
+    run = subprocess.run([sys.executable, str(ROOT / "experiments" / "decoding_eviction.py"), "--quick",
+                          "--out", str(out), "--budgets", "48,512",
+                          "--methods", "prefill-lookaheadkv,decode-snapkv,decode-lookaheadkv"],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| decode-lookaheadkv |" in (out / "results.md").read_text()
+    (task,) = result["tasks"]
+    assert task["peaks"] == [48 + 8, 512 + 8]
+    methods = {a["method"] for a in result["aggregates"]}
+    assert methods == {"fullkv", "prefill-lookaheadkv", "decode-snapkv", "decode-lookaheadkv"}
+    assert len(list((out / "cells" / "quick" / task["name"]).glob("*/*.json"))) == 1 + 2 * 3
+    # the paired differences: LookaheadKV against the other decoding scorer, prefill-only and the full cache,
+    # on the task score and the agreement, at each peak
+    assert sorted((d["other"], d["metric"], d["peak"]) for d in result["paired"]) == sorted(
+        (o, m, p) for o in ("decode-snapkv", "prefill-lookaheadkv", "fullkv") for m in ("score", "agreement_rouge_l")
+        for p in (56, 520))
+    full = {r["id"]: r for r in result["cells"][f"{task['name']}|fullkv|None"]["samples"]}
+    for key, cell in result["cells"].items():
+        if cell["peak"] != 520:
+            continue
+        for r in cell["samples"]:  # budget 512 > prompt + answer: the full cache's own answer
+            assert r["prediction"] == full[r["id"]]["prediction"], key
+            assert r["divergence_tokens"] == r["full_answer_tokens"] > 0, key
+            assert r["agreement_rouge_l"] == pytest.approx(1.0, abs=1e-6), key  # ROUGE-L F has a 1e-8 guard
+    rows = result["cost"]["rows"]
+    assert {"fullkv", "prefill-only", "decode-lookaheadkv N=8", "decode-snapkv N=8"} <= set(rows)
+    assert all(r["ms_per_token"] > 0 for r in rows.values())
+    # the cache bytes: slots x layers (4) x 2 x KV heads (2) x head dim (32) x 4 bytes; slots B + N, and for
+    # LookaheadKV its 4 lookahead tokens' scratch (the --quick adapter's)
+    B = result["cost"]["budget"]
+    assert rows["decode-snapkv N=8"]["cache_bytes"] == (B + 8) * 4 * 2 * 2 * 32 * 4
+    assert rows["decode-lookaheadkv N=8"]["cache_bytes"] == (B + 8 + 4) * 4 * 2 * 2 * 32 * 4

@@ -94,23 +94,27 @@ def longbench_task(task: str, tokenizer, *, data_dir=None, from_hub: bool = Fals
                     decode=lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True), eos_token_ids=eos)
 
 
-def synthetic_task(task: str, *, n_samples: int, length: int, seed: int = 0, vocab=None, encoder=None) -> EvalTask:
+def synthetic_task(task: str, *, n_samples: int, length: int, seed: int = 0, vocab=None, encoder=None,
+                   params: dict | None = None) -> EvalTask:
     """A synthetic task (`lkv_jax.data.synthetic`), tokenised with the built-in vocabulary (default, or
     `vocab`) or with a Hugging Face tokenizer (`encoder`: a `synthetic.HFPromptEncoder`, lengths then
     count its tokens). The question is its own segment, so the same samples serve both query-aware and
-    question-agnostic runs."""
+    question-agnostic runs. `params`: the task function's keywords (e.g. tag_list's n_items), named in
+    the task name (`tag_list.n_items=12-1024`) so that other settings never share a name."""
+    params = dict(params or {})
+    name = task + "".join(f".{k}={v}" for k, v in sorted(params.items()))
     from lkv_jax.data import synthetic
     from lkv_jax.data.vocab import builtin_vocab
 
     if encoder is None:
         vocab = builtin_vocab() if vocab is None else vocab
-        raw = synthetic.generate_samples(task, n_samples, length, seed=seed)
+        raw = synthetic.generate_samples(task, n_samples, length, seed=seed, **params)
         encode = lambda s: synthetic.encode_builtin(s, vocab, query_aware=False)  # noqa: E731
         # a model's embedding table may be padded past the vocabulary: such ids are no words, drop them
         decode = lambda ids: vocab.decode([i for i in ids if 0 <= int(i) < len(vocab)])  # noqa: E731
         eos = (vocab.eos_id,)
     else:
-        raw = synthetic.generate_samples(task, n_samples, length, seed=seed, count=encoder.count)
+        raw = synthetic.generate_samples(task, n_samples, length, seed=seed, count=encoder.count, **params)
         encode = lambda s: encoder.encode(s, query_aware=False)  # noqa: E731
         decode = lambda ids: encoder.tokenizer.decode(list(ids), skip_special_tokens=True)  # noqa: E731
         eos = None if encoder.eos_id is None else (int(encoder.eos_id),)
@@ -121,11 +125,11 @@ def synthetic_task(task: str, *, n_samples: int, length: int, seed: int = 0, voc
         if encoder is None:  # one token per word after BOS: record word offsets are token positions - 1
             extra["evidence_positions"] = evidence_positions(s)
             extra["distractor_positions"] = evidence_positions(s, answer_bearing=False)
-        samples.append(EvalSample(id=f"{task}-{length}-{seed}-{i}", context_ids=enc.prompt, question_ids=enc.question,
+        samples.append(EvalSample(id=f"{name}-{length}-{seed}-{i}", context_ids=enc.prompt, question_ids=enc.question,
                                   answers=tuple(s.references), extra=extra))
         # the target's own length plus room for EOS and a little slack
         budget = max(budget, len(enc.target) + 4)
-    return EvalTask(name=f"{task}-{length}", samples=tuple(samples), max_new_tokens=budget,
+    return EvalTask(name=f"{name}-{length}", samples=tuple(samples), max_new_tokens=budget,
                     score=_string_match_scorer(), decode=decode, eos_token_ids=eos)
 
 
