@@ -19,11 +19,19 @@ from lkv_jax.sharding import batch_sharding, cache_shardings, entry_mesh, entry_
 
 
 def greedy_loop_pure(model: Transformer, cache: KVCache, first_logits, *, max_new_tokens: int,
-                     eos: tuple[int, ...], pad: int, return_cache: bool = False):
+                     eos: tuple[int, ...], pad: int, return_cache: bool = False, step=None, state=None):
     """Greedy decoding inside one while loop (pure, jittable). first_logits float32 [B, V]; the cache needs
     room for max_new_tokens - 1 more entries. Returns (tokens int32 [B, max_new_tokens] with pad after
     each row's EOS and after the last step, n: how many columns were produced), plus the cache after
-    the last step with return_cache."""
+    the last step with return_cache.
+
+    step(cache, state, tok int32 [B]) -> (logits float32 [B, V], cache, state): one decoding step, carrying
+    `state` beside the cache (default: append the token; decoding-time eviction appends per row and evicts)."""
+    if step is None:
+        def step(cache, state, tok):
+            g = append_pure(model, cache, model.embed_tokens(tok[:, None]))
+            return g.logits[:, 0], g.cache, state
+
     B = first_logits.shape[0]
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
     tok = jnp.argmax(first_logits, -1).astype(jnp.int32)
@@ -31,17 +39,17 @@ def greedy_loop_pure(model: Transformer, cache: KVCache, first_logits, *, max_ne
     done = jnp.isin(tok, eos_ids)
 
     def cond(s):
-        i, _, _, _, done = s
+        i, _, _, _, _, done = s
         return (i < max_new_tokens) & ~done.all()
 
     def body(s):
-        i, tok, cache, out, done = s
-        g = append_pure(model, cache, model.embed_tokens(tok[:, None]))
-        nxt = jnp.where(done, pad, jnp.argmax(g.logits[:, 0], -1).astype(jnp.int32))
+        i, tok, cache, state, out, done = s
+        logits, cache, state = step(cache, state, tok)
+        nxt = jnp.where(done, pad, jnp.argmax(logits, -1).astype(jnp.int32))
         out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], i, axis=1)
-        return i + 1, nxt, g.cache, out, done | jnp.isin(nxt, eos_ids)
+        return i + 1, nxt, cache, state, out, done | jnp.isin(nxt, eos_ids)
 
-    n, _, cache, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, cache, out, done))
+    n, _, cache, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, cache, state, out, done))
     return (out, n, cache) if return_cache else (out, n)
 
 

@@ -24,10 +24,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lkv_jax.cache import KVCache
-from lkv_jax.decoding import decoding_ids
+from lkv_jax.decoding import decoding_ids, greedy_loop_pure
 from lkv_jax.distributed import fetch_to_host
 from lkv_jax.errors import BudgetError
-from lkv_jax.eviction import TopPerHead
+from lkv_jax.eviction import TopPerHead, compact_cache
 from lkv_jax.inference import append_pure
 from lkv_jax.models.transformer import Transformer
 from lkv_jax.presses.base import BasePress, scores_while_decoding
@@ -87,20 +87,12 @@ def pack(cache: KVCache, slots: int) -> tuple[KVCache, np.ndarray]:
     fill = counts[0, :, 0]
     if fill.max() > slots:
         raise ValueError(f"the cache holds {fill.max()} entries, more than {slots} slots")
-
-    def layer(k, v, p, m):
-        S = m.shape[-1]
-        order = jnp.argsort(~m, axis=-1, stable=True)[..., :min(S, slots)]  # valid slots first, in slot order
-        take = lambda x: jnp.take_along_axis(x, order[..., None] if x.ndim == 4 else order, axis=2)
-        k, v, p, m = take(k), take(v), jnp.where(take(m), take(p), -1), take(m)
-        pad = slots - k.shape[2]
-        widths = lambda x: [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3)
-        return (jnp.pad(k, widths(k)), jnp.pad(v, widths(v)), jnp.pad(p, widths(p), constant_values=-1),
-                jnp.pad(m, widths(m)))
-
-    k, v, p, m = zip(*map(layer, cache.keys, cache.values, cache.positions, cache.valid), strict=True)
-    return dataclasses.replace(cache, keys=k, values=v, positions=p, valid=m,
-                               cursor=jnp.zeros_like(cache.cursor)), fill
+    # valid slots first, in slot order; a row's entries fit in every layer's smallest capacity
+    n = min(*(cache.capacity(l) for l in range(cache.n_layers)), slots)
+    order = [jnp.argsort(~v, axis=-1, stable=True)[..., :n] for v in cache.valid]
+    kept = [jnp.take_along_axis(v, o, axis=-1) for v, o in zip(cache.valid, order, strict=True)]
+    packed, _ = compact_cache(cache, order, kept)
+    return packed.grow(slots - n), fill
 
 
 def evict_full_rows(model: Transformer, cache: KVCache, fill, recent_ids, press: DecodingPress):
@@ -114,23 +106,21 @@ def evict_full_rows(model: Transformer, cache: KVCache, fill, recent_ids, press:
         count = jnp.full(fill.shape, press.budget, jnp.int32)
         recent = cache.next_position[:, None, None] - press.keep_recent
         select = TopPerHead(press.scorer.implementation, press.scorer.interpret).select
-        layers = []
+        # the compacted entries, then the freed slots (left empty) and the scratch, in their own order
+        freed = jnp.arange(press.budget, press.slots)
+        layer_slots, layer_kept = [], []
         for l in range(cache.n_layers):
             entries = cache.valid[l] & (jnp.arange(press.slots) < press.capacity)
             keep = (protected[l] | (cache.positions[l] >= recent)) & entries
             slots, kept = select(scores[l], entries, keep, press.budget, count)
-            # the compacted entries, then the freed slots (empty) and the scratch, in their own order
-            freed = jnp.arange(press.budget, press.slots)
             tail = jnp.broadcast_to(freed, slots.shape[:2] + freed.shape)
-            slots = jnp.concatenate([slots, tail], axis=-1)
-            kept = jnp.concatenate([kept, jnp.zeros(tail.shape, bool)], axis=-1)
-            take = lambda x, s=slots: jnp.take_along_axis(x, s[..., None] if x.ndim == 4 else s, axis=2)
-            new = (take(cache.keys[l]), take(cache.values[l]), jnp.where(kept, take(cache.positions[l]), -1), kept)
-            old = (cache.keys[l], cache.values[l], cache.positions[l], cache.valid[l])
-            layers.append(tuple(jnp.where(full.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
-                                for n, o in zip(new, old, strict=True)))
-        k, v, p, m = zip(*layers, strict=True)
-        return dataclasses.replace(cache, keys=k, values=v, positions=p, valid=m)
+            layer_slots.append(jnp.concatenate([slots, tail], axis=-1))
+            layer_kept.append(jnp.concatenate([kept, jnp.zeros(tail.shape, bool)], axis=-1))
+        compacted, _ = compact_cache(cache, layer_slots, layer_kept)
+        # only the full rows take the compacted cache
+        pick = lambda n, o: jnp.where(full.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+        return dataclasses.replace(cache, **{f: tuple(map(pick, getattr(compacted, f), getattr(cache, f)))
+                                              for f in ("keys", "values", "positions", "valid")})
 
     cache = jax.lax.cond(full.any(), evict, lambda c: c, cache)
     return cache, jnp.where(full, press.budget, fill)
@@ -138,31 +128,22 @@ def evict_full_rows(model: Transformer, cache: KVCache, fill, recent_ids, press:
 
 def evicting_loop_pure(model: Transformer, cache: KVCache, fill, first_logits, press: DecodingPress, *,
                        max_new_tokens: int, eos: tuple[int, ...], pad: int):
-    """Greedy decoding with decoding-time eviction inside one while loop (pure, jittable). cache: packed
+    """Greedy decoding with decoding-time eviction inside one while loop (pure, jittable): `greedy_loop_pure`
+    whose step appends each row's token at its own fill, then evicts the rows that are full. cache: packed
     (`pack`) with `press.slots` slots, fill int32 [B] entries per row (each <= press.budget); first_logits
-    float32 [B, V]. Returns (tokens int32 [B, max_new_tokens], n, cache, fill) as `decoding.greedy_loop_pure`."""
+    float32 [B, V]. Returns (tokens int32 [B, max_new_tokens], n, the final cache)."""
     B = first_logits.shape[0]
-    eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
-    tok = jnp.argmax(first_logits, -1).astype(jnp.int32)
-    out = jnp.full((B, max_new_tokens), pad, jnp.int32).at[:, 0].set(tok)
-    recent = jnp.full((B, max(press.scorer.window, 1)), pad, jnp.int32)
 
-    def cond(s):
-        i, _, _, _, _, _, done = s
-        return (i < max_new_tokens) & ~done.all()
-
-    def body(s):
-        i, tok, cache, fill, recent, out, done = s
+    def step(cache, state, tok):
+        fill, recent = state
         g = append_pure(model, cache, model.embed_tokens(tok[:, None]), at=fill)
         recent = jnp.concatenate([recent[:, 1:], tok[:, None]], axis=1)
-        nxt = jnp.where(done, pad, jnp.argmax(g.logits[:, 0], -1).astype(jnp.int32))
         cache, fill = evict_full_rows(model, g.cache, fill + 1, recent, press)
-        out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], i, axis=1)
-        return i + 1, nxt, cache, fill, recent, out, done | jnp.isin(nxt, eos_ids)
+        return g.logits[:, 0], cache, (fill, recent)
 
-    n, _, cache, fill, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, cache, fill, recent, out,
-                                                                   jnp.isin(tok, eos_ids)))
-    return out, n, cache, fill
+    recent = jnp.full((B, max(press.scorer.window, 1)), pad, jnp.int32)
+    return greedy_loop_pure(model, cache, first_logits, max_new_tokens=max_new_tokens, eos=eos, pad=pad,
+                            return_cache=True, step=step, state=(fill, recent))
 
 
 def jitted_evicting_loop(graphdef, params, mesh: Mesh, *, max_new_tokens: int, eos: tuple[int, ...], pad: int):
@@ -175,7 +156,7 @@ def jitted_evicting_loop(graphdef, params, mesh: Mesh, *, max_new_tokens: int, e
 
         b1, b2, c_sh = batch_sharding(mesh, 1), batch_sharding(mesh, 2), cache_shardings(mesh, len(params["layers"]))
         return jax.jit(loop, in_shardings=(param_shardings(mesh, params), NamedSharding(mesh, P()), c_sh, b1, b2),
-                       out_shardings=(b2, NamedSharding(mesh, P()), c_sh, b1), donate_argnums=(2,))
+                       out_shardings=(b2, NamedSharding(mesh, P()), c_sh), donate_argnums=(2,))
 
     return entry_point(("evicting", graphdef, mesh, max_new_tokens, eos, pad), build)
 
@@ -199,6 +180,6 @@ def decode_evicting(model: Transformer, cache: KVCache, first_logits, max_new_to
     graphdef, params = nnx.split(model)
     fn = jitted_evicting_loop(graphdef, params, mesh, max_new_tokens=max_new_tokens, eos=eos, pad=pad)
     with jax.set_mesh(mesh):  # the Pallas ops run per (batch, KV-head) shard of this mesh
-        tokens, n, cache, _ = fn(params, press, cache, fill.astype(np.int32), first_logits)
+        tokens, n, cache = fn(params, press, cache, fill.astype(np.int32), first_logits)
     tokens, n = fetch_to_host((tokens, n))
     return tokens[:, : int(n)], cache
